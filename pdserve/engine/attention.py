@@ -1,0 +1,101 @@
+"""Paged attention over a batch that mixes decode tokens and prefill chunks of any length.
+
+The batch is flat: ``T`` tokens, the decode tokens (one per sequence) first, then each prefill
+chunk's tokens. Every layer first writes the new tokens' K/V into their cache slots, then
+attends from the cache, so a chunk continuing an earlier prefill, a prefix-cache hit and imported
+KV all look the same to the math.
+
+Decodes run as one padded, batched attention call; prefill chunks run one call each (they are
+compute-bound, so the loop costs nothing measurable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One prefill chunk inside the flat batch."""
+
+    query_start: int
+    query_length: int
+    context_slots: torch.Tensor
+    """[context_length] cache slots of every position the chunk attends to (its own included)."""
+    causal_mask: torch.Tensor | None
+    """[query_length, context_length] bool (True = attend); None when the chunk starts at 0."""
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token's K/V goes and what each query attends to, for one forward pass."""
+
+    slot_mapping: torch.Tensor
+    """[T] flat cache slot (block * block_size + offset) of every token in the batch."""
+    num_decode_tokens: int
+    decode_slots: torch.Tensor | None
+    """[num_decode, max_context] cache slots of each decode sequence, padded with slot 0."""
+    decode_mask: torch.Tensor | None
+    """[num_decode, 1, 1, max_context] bool, True for real (unpadded) positions."""
+    prefills: list[PrefillSpan]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store new keys/values. caches: [num_blocks, block_size, kv_heads, head_dim]; k, v: [T, kv_heads, head_dim]."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Attention of every query in the batch over its sequence's cached context.
+
+    q: [T, num_heads, head_dim]; returns [T, num_heads, head_dim] in q's dtype.
+    ``compute_dtype`` exists because on CPU float32 SDPA is several times faster than bfloat16.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[-2]
+    group = num_heads // num_kv_heads
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    out = torch.empty_like(q)
+
+    num_decode = meta.num_decode_tokens
+    if num_decode:
+        assert meta.decode_slots is not None and meta.decode_mask is not None
+        # All query heads of one KV head attend to the same keys: fold them into the query axis
+        # instead of repeating K/V (GQA without copies).
+        q_decode = q[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
+        keys = flat_k[meta.decode_slots].to(compute_dtype).transpose(1, 2)  # [B, kv, L, D]
+        values = flat_v[meta.decode_slots].to(compute_dtype).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(
+            q_decode.to(compute_dtype), keys, values, attn_mask=meta.decode_mask
+        )  # [B, kv, group, D]
+        out[:num_decode] = attended.reshape(num_decode, num_heads, head_dim).to(q.dtype)
+
+    for span in meta.prefills:
+        rows = slice(span.query_start, span.query_start + span.query_length)
+        q_span = q[rows].transpose(0, 1).unsqueeze(0).to(compute_dtype)  # [1, H, Lq, D]
+        keys = flat_k[span.context_slots].to(compute_dtype).transpose(0, 1).unsqueeze(0)
+        values = flat_v[span.context_slots].to(compute_dtype).transpose(0, 1).unsqueeze(0)
+        attended = F.scaled_dot_product_attention(
+            q_span,
+            keys,
+            values,
+            attn_mask=span.causal_mask,
+            is_causal=span.causal_mask is None,
+            enable_gqa=group > 1,
+        )  # [1, H, Lq, D]
+        out[rows] = attended[0].transpose(0, 1).to(q.dtype)
+    return out

@@ -1,0 +1,369 @@
+"""The engine loop: admit requests, schedule a step, run the model, sample, stop, report.
+
+Also the prefill/decode seam: a request added with ``prefill_only=True`` finishes once its
+prompt is computed and its first token sampled, carrying a :class:`KVHandoff`; :meth:`import_kv`
+on another engine adopts such a handoff and decodes on as if the prefill had run locally.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.block_manager import BlockManager
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.device import resolve_dtype
+from pdserve.engine.handoff import KVHandoff, check_compatible, compatibility_fields
+from pdserve.engine.kv_cache import allocate_pool, plan_layout
+from pdserve.engine.loader import Checkpoint, load_checkpoint
+from pdserve.engine.model import LlamaModel
+from pdserve.engine.model_runner import KVHook, ModelRunner
+from pdserve.engine.outputs import RequestMetrics, RequestOutput
+from pdserve.engine.request import Choice, Request
+from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence, SequenceStatus
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for logs, metrics and routing."""
+
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    prefix_cache_hit_rate: float
+    num_running: int
+    num_waiting: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    """One model instance with its KV pool, scheduler and sampler. Not thread-safe."""
+
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+        self.config = config
+        if config.model.num_threads is not None and config.model.device == "cpu":
+            torch.set_num_threads(config.model.num_threads)
+        checkpoint = checkpoint or load_checkpoint(config.model.path, show_progress=config.show_progress)
+        arch = checkpoint.architecture
+        self.architecture = arch
+        self.tokenizer = checkpoint.tokenizer
+        self.model_name = checkpoint.model_name
+        self.eos_token_ids = frozenset(checkpoint.eos_token_ids)
+        self.max_model_len = min(
+            config.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings
+        )
+        self.device = torch.device(config.model.device)
+        dtype = resolve_dtype(config.model.dtype, self.device)
+        kv_dtype = resolve_dtype(config.model.kv_cache_dtype or config.model.dtype, self.device)
+        self.model = LlamaModel(arch, checkpoint.weights, dtype, self.device, self.max_model_len)
+
+        layout = plan_layout(arch, config.cache, kv_dtype)
+        self.kv_pool = allocate_pool(layout, config.cache, self.device)
+        self.block_manager = BlockManager(
+            layout.num_blocks, layout.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_pool)
+        self.sampler = Sampler(arch.vocab_size)
+        self.compatibility = compatibility_fields(
+            checkpoint.weights_digest, layout.dtype, layout.block_size, arch.describe()
+        )
+        self._requests: dict[str, Request] = {}
+        self._sequences: dict[str, tuple[Request, Choice]] = {}
+        self._pending_outputs: list[RequestOutput] = []
+
+    # -- public API ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        prefill_only: bool = False,
+        kv_hook: KVHook | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request; raises ValueError for input the engine cannot serve."""
+        params = params or SamplingParams()
+        request = self._new_request(prompt, params, request_id, prefill_only, kv_hook, arrival_time)
+        seq = self._new_sequence(request, 0, priority, cache_salt)
+        self.scheduler.add(seq)
+        return request.request_id
+
+    def import_kv(
+        self,
+        handoff: KVHandoff,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> str:
+        """Adopt a prefill engine's KV and continue the request here.
+
+        A complete handoff (the whole prompt plus the first tokens) goes straight to decoding.
+        A partial one (a prefix of complete blocks) is placed in the prefix cache and the
+        prompt's remainder is prefilled here. Raises IncompatibleHandoffError when the handoff
+        comes from another model or layout, MemoryError when its blocks do not fit now.
+        """
+        check_compatible(self.compatibility, handoff.compatibility)
+        params = params or SamplingParams()
+        if handoff.first_tokens and len(handoff.first_tokens) != params.n:
+            raise ValueError(
+                f"handoff carries first tokens for {len(handoff.first_tokens)} choices, request asks n={params.n}"
+            )
+        request = self._new_request(
+            list(handoff.prompt_token_ids), params, request_id or handoff.request_id, False, None, None,
+            seed=handoff.seed,
+        )
+        seq = self._new_sequence(request, 0, priority, cache_salt)
+        num_tokens = handoff.num_tokens
+        if not self.block_manager.allocate(seq.seq_id, num_tokens):
+            self._forget(request)
+            raise MemoryError(f"no room for {num_tokens} tokens of imported KV")
+        self.runner.write_kv(self.block_manager.block_table(seq.seq_id), handoff.kv)
+        seq.num_computed_tokens = seq.num_cached_tokens = num_tokens
+        self.block_manager.register_full_blocks(seq.seq_id, seq.block_hashes(), num_tokens)
+        self.block_manager.record_query(seq.num_prompt_tokens, num_tokens)
+        if handoff.is_complete:
+            self.scheduler.add_running(seq)
+            request.metrics.first_scheduled_time = time.monotonic()
+            self._accept_first_tokens(request, handoff.first_tokens)
+        else:
+            # The full blocks stay in the prefix cache; admission finds them and prefills the rest.
+            self.block_manager.free(seq.seq_id)
+            seq.num_computed_tokens = 0
+            self.scheduler.add(seq)
+        return request.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already done."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        for choice in request.choices:
+            if not choice.sequence.is_finished:
+                self.scheduler.finish(choice.sequence, SequenceStatus.FINISHED_ABORTED)
+        request.aborted = True
+        self._pending_outputs.append(request.output())
+        self._forget(request)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending_outputs)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the requests whose output changed."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        schedule = self.scheduler.schedule()
+        if schedule.is_empty:
+            return outputs
+        now = time.monotonic()
+        hooks = {}
+        for chunk in schedule.chunks:
+            request, _ = self._sequences[chunk.seq_id]
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if request.kv_hook is not None:
+                hooks[chunk.seq_id] = request.kv_hook
+        step_logits = self.runner.execute(schedule, hooks)
+
+        rows: list[SamplingRow] = []
+        row_logits: list[int] = []
+        for index, seq_id in enumerate(step_logits.seq_ids):
+            request, choice = self._sequences[seq_id]
+            fan_out = self._is_first_sample(request, choice)
+            for choice_index in range(request.params.n) if fan_out else [choice.sequence.choice_index]:
+                rows.append(self._sampling_row(request, choice, choice_index))
+                row_logits.append(index)
+        sampled = self.sampler(step_logits.logits[row_logits], rows) if rows else []
+
+        touched: dict[str, Request] = {}
+        cursor = 0
+        for seq_id in step_logits.seq_ids:
+            request, choice = self._sequences[seq_id]
+            touched[request.request_id] = request
+            if self._is_first_sample(request, choice):
+                tokens = sampled[cursor : cursor + request.params.n]
+                cursor += request.params.n
+                self._accept_first_tokens(request, tokens)
+            else:
+                self._accept_token(request, choice, sampled[cursor])
+                cursor += 1
+        for request in touched.values():
+            outputs.append(request.output())
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self._forget(request)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks,
+            num_cached_blocks=bm.num_cached_blocks,
+            prefix_cache_hit_rate=bm.stats.hit_rate,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def close(self) -> None:
+        """Release the KV pool (and unlink its shared-memory segment, if any)."""
+        self.runner.close()
+        self.kv_pool.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _new_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None,
+        prefill_only: bool,
+        kv_hook: KVHook | None,
+        arrival_time: float | None,
+        seed: int | None = None,
+    ) -> Request:
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self._tokenize(prompt)
+        total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {self.block_manager.blocks_needed(total)} KV blocks; "
+                f"the KV pool has {self.block_manager.num_blocks} (raise the KV memory budget)"
+            )
+        if seed is None:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+        request = Request(
+            request_id=request_id,
+            params=params,
+            prompt_token_ids=prompt_ids,
+            seed=seed,
+            metrics=RequestMetrics(arrival_time=arrival_time or time.monotonic()),
+            prefill_only=prefill_only,
+            kv_hook=kv_hook,
+        )
+        self._requests[request_id] = request
+        return request
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, SequenceABC) and all(isinstance(t, int) for t in prompt):
+            prompt_ids = [int(t) for t in prompt]
+            bad = [t for t in prompt_ids if not 0 <= t < self.architecture.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token ids out of range [0, {self.architecture.vocab_size}): {bad[:5]}")
+        else:
+            raise TypeError("prompt must be a string or a list of token ids")
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens but the context is {self.max_model_len} "
+                "tokens, which must also hold at least one generated token"
+            )
+        return prompt_ids
+
+    def _new_sequence(
+        self, request: Request, choice_index: int, priority: int, cache_salt: str | None
+    ) -> Sequence:
+        seq = Sequence(
+            seq_id=f"{request.request_id}#{choice_index}",
+            request_id=request.request_id,
+            choice_index=choice_index,
+            prompt_token_ids=request.prompt_token_ids,
+            max_tokens=request.params.max_tokens,
+            arrival_time=request.metrics.arrival_time,
+            priority=priority,
+            cache_salt=cache_salt,
+            block_size=self.block_manager.block_size,
+            prefill_only=request.prefill_only,
+        )
+        choice = request.add_choice(seq, self.tokenizer)
+        self._sequences[seq.seq_id] = (request, choice)
+        return seq
+
+    def _forget(self, request: Request) -> None:
+        self._requests.pop(request.request_id, None)
+        for choice in request.choices:
+            self._sequences.pop(choice.sequence.seq_id, None)
+
+    @staticmethod
+    def _is_first_sample(request: Request, choice: Choice) -> bool:
+        """The prompt's first sample decides every choice's first token at once."""
+        return choice.sequence.choice_index == 0 and not request.first_tokens
+
+    def _sampling_row(self, request: Request, choice: Choice, choice_index: int) -> SamplingRow:
+        seq, params = choice.sequence, request.params
+        output_ids = seq.output_token_ids if choice_index == seq.choice_index else []
+        blocked: tuple[int, ...] = ()
+        if len(output_ids) < params.min_tokens:
+            eos = () if params.ignore_eos else tuple(self.eos_token_ids)
+            blocked = eos + params.stop_token_ids
+        return SamplingRow(
+            params=params,
+            seed=request.seed,
+            choice_index=choice_index,
+            position=len(output_ids),
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=output_ids,
+            blocked_token_ids=blocked,
+        )
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        ids = frozenset(params.stop_token_ids)
+        return ids if params.ignore_eos else ids | self.eos_token_ids
+
+    def _accept_first_tokens(self, request: Request, tokens: list[SampledToken]) -> None:
+        request.first_tokens = list(tokens)
+        request.metrics.first_token_time = time.monotonic()
+        parent = request.choices[0].sequence
+        if request.prefill_only:
+            kv = self.runner.read_kv(self.block_manager.block_table(parent.seq_id), parent.num_prompt_tokens)
+            request.handoff = KVHandoff(
+                request_id=request.request_id,
+                prompt_token_ids=list(request.prompt_token_ids),
+                kv=kv,
+                compatibility=dict(self.compatibility),
+                seed=request.seed,
+                first_tokens=list(tokens),
+                model_name=self.model_name,
+            )
+            self.scheduler.finish(parent, SequenceStatus.FINISHED_PREFILLED)
+            return
+        # Fork the other choices off the prompt's blocks before any choice may finish.
+        for choice_index in range(1, request.params.n):
+            child = self._new_sequence(request, choice_index, parent.priority, parent.cache_salt)
+            child.num_cached_tokens = parent.num_cached_tokens
+            try:
+                copy = self.block_manager.fork(parent.seq_id, child.seq_id, parent.num_prompt_tokens)
+            except MemoryError:
+                self.scheduler.add(child)  # no block to copy into: recompute the prompt later
+            else:
+                child.num_computed_tokens = parent.num_prompt_tokens
+                self.scheduler.add_running(child, copy)
+        for choice, token in zip(request.choices, tokens, strict=True):
+            self._accept_token(request, choice, token)
+
+    def _accept_token(self, request: Request, choice: Choice, token: SampledToken) -> None:
+        status = request.record_token(
+            choice, token, self._stop_ids(request.params), self.max_model_len
+        )
+        if status is not None:
+            choice.detokenizer.flush()  # emit a held-back partial character, if any
+            self.scheduler.finish(choice.sequence, status)

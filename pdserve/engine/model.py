@@ -1,0 +1,155 @@
+"""A Llama decoder in plain PyTorch (RMSNorm, RoPE, GQA attention, SwiGLU) over a paged KV cache.
+
+Weights come in Hugging Face names and layout; Q/K/V and gate/up projections are fused into one
+matrix each so a layer runs two GEMMs fewer. Every ``[out, in]`` weight stays in that layout:
+``F.linear`` on CPU is several times faster with it than with a pre-transposed copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.architecture import LlamaArchitecture
+from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
+
+LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called after each layer wrote its K/V: (layer index, k [T, kv_heads, D], v [T, kv_heads, D])."""
+
+
+def rope_inverse_frequencies(arch: LlamaArchitecture) -> torch.Tensor:
+    """[head_dim / 2] float32 inverse frequencies, with the checkpoint's RoPE scaling applied."""
+    exponents = torch.arange(0, arch.head_dim, 2, dtype=torch.int64).float() / arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta**exponents)
+    scaling = arch.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        original_context = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelength = original_context / low_freq_factor
+        high_freq_wavelength = original_context / high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / factor, inv_freq)
+        smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+        return torch.where(is_medium, blended, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+class LlamaModel:
+    """Weights plus a functional forward pass; holds no per-request state."""
+
+    def __init__(
+        self,
+        arch: LlamaArchitecture,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_positions: int,
+    ) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = device
+        # float32 SDPA is several times faster than bfloat16 on CPU; accelerators use the model dtype.
+        self.attention_dtype = torch.float32 if device.type == "cpu" else dtype
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                tensor = weights[name]
+            except KeyError:
+                raise ValueError(f"checkpoint lacks weight {name!r}") from None
+            return tensor.to(device=device, dtype=dtype).contiguous()
+
+        self.embed_tokens = take("model.embed_tokens.weight")
+        self.lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
+        self.final_norm = take("model.norm.weight")
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for index in range(arch.num_layers):
+            prefix = f"model.layers.{index}."
+            self.layers.append(
+                {
+                    "input_norm": take(prefix + "input_layernorm.weight"),
+                    "qkv": torch.cat(
+                        [take(prefix + f"self_attn.{p}_proj.weight") for p in ("q", "k", "v")]
+                    ),
+                    "o": take(prefix + "self_attn.o_proj.weight"),
+                    "post_norm": take(prefix + "post_attention_layernorm.weight"),
+                    "gate_up": torch.cat(
+                        [take(prefix + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
+                    ),
+                    "down": take(prefix + "mlp.down_proj.weight"),
+                }
+            )
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * rope_inverse_frequencies(arch)[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [max_positions, head_dim]
+        self._cos = angles.cos().to(device)
+        self._sin = angles.sin().to(device)
+        self.max_positions = max_positions
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.arch.rms_norm_eps)
+        return weight * x32.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D]; cos/sin: [T, 1, D]."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+        logits_indices: torch.Tensor,
+        layer_callback: LayerCallback | None = None,
+    ) -> torch.Tensor:
+        """Run the flat batch; returns float32 logits [len(logits_indices), vocab].
+
+        input_ids, positions: [T]; kv_layers[i] = (k_cache, v_cache) of layer i.
+        """
+        arch = self.arch
+        num_heads, num_kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        cos = self._cos[positions].to(self.dtype).unsqueeze(1)
+        sin = self._sin[positions].to(self.dtype).unsqueeze(1)
+
+        hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        for index, layer in enumerate(self.layers):
+            residual = hidden
+            x = self._rms_norm(hidden, layer["input_norm"])
+            qkv = F.linear(x, layer["qkv"])
+            q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
+            v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            k_cache, v_cache = kv_layers[index]
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            if layer_callback is not None:
+                layer_callback(index, k, v)
+            attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype)
+            hidden = residual + F.linear(attended.reshape(-1, q_size), layer["o"])
+
+            residual = hidden
+            x = self._rms_norm(hidden, layer["post_norm"])
+            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            hidden = residual + F.linear(F.silu(gate) * up, layer["down"])
+
+        last = self._rms_norm(hidden[logits_indices], self.final_norm)
+        return F.linear(last, self.lm_head).float()

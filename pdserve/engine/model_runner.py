@@ -1,0 +1,154 @@
+"""Turns a :class:`SchedulerOutput` into tensors, runs the model, and returns logits.
+
+The runner owns the KV pool and the model; it knows nothing of requests, sampling or stopping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.attention import AttentionMetadata, PrefillSpan
+from pdserve.engine.kv_cache import KVCachePool
+from pdserve.engine.model import LlamaModel
+from pdserve.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+KVHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+"""Per-sequence layer hook: (layer index, start position, k [n, kv_heads, D], v [n, kv_heads, D])."""
+
+
+@dataclass
+class StepLogits:
+    """Logits of the chunks that asked for a sample, row i belonging to ``seq_ids[i]``."""
+
+    seq_ids: list[str]
+    logits: torch.Tensor
+    """[len(seq_ids), vocab] float32."""
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: KVCachePool) -> None:
+        self.model = model
+        self.pool = pool
+        self.block_size = pool.layout.block_size
+        self.device = model.device
+        self._kv_layers = [pool.layer(i) for i in range(pool.layout.num_layers)]
+
+    def execute(self, output: SchedulerOutput, kv_hooks: dict[str, KVHook] | None = None) -> StepLogits:
+        if output.block_copies:
+            self.pool.copy_blocks(output.block_copies)
+        if not output.chunks:
+            return StepLogits([], torch.empty(0, self.model.arch.vocab_size))
+        # Single-token chunks (decodes) first: they share one batched attention call.
+        chunks = sorted(output.chunks, key=lambda c: c.num_tokens > 1)
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logits_rows: list[int] = []
+        sampled_ids: list[str] = []
+        row_ranges: dict[str, tuple[int, int]] = {}
+        for chunk in chunks:
+            start_row = len(token_ids)
+            token_ids.extend(chunk.token_ids)
+            chunk_positions = range(chunk.start_position, chunk.context_length)
+            positions.extend(chunk_positions)
+            slots.extend(self._slot(chunk.block_table, p) for p in chunk_positions)
+            row_ranges[chunk.seq_id] = (start_row, len(token_ids))
+            if chunk.sample:
+                logits_rows.append(len(token_ids) - 1)
+                sampled_ids.append(chunk.seq_id)
+
+        meta = self._attention_metadata(chunks, slots)
+        hook = self._layer_callback(kv_hooks, row_ranges, chunks) if kv_hooks else None
+        logits = self.model.forward(
+            torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta,
+            self._kv_layers,
+            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            hook,
+        )
+        return StepLogits(sampled_ids, logits)
+
+    def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """KV of positions [0, num_tokens) as [num_layers, 2, num_tokens, kv_heads, D], on CPU."""
+        slots = torch.tensor([self._slot(block_table, p) for p in range(num_tokens)], device=self.device)
+        layout = self.pool.layout
+        flat = self.pool.tensor.view(
+            layout.num_layers, 2, layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim
+        )
+        return flat.index_select(2, slots).cpu()
+
+    def write_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
+        """Place token-major KV [num_layers, 2, n, kv_heads, D] at positions [0, n) of a table."""
+        num_tokens = kv.shape[2]
+        slots = torch.tensor([self._slot(block_table, p) for p in range(num_tokens)], device=self.device)
+        layout = self.pool.layout
+        flat = self.pool.tensor.view(
+            layout.num_layers, 2, layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim
+        )
+        flat.index_copy_(2, slots, kv.to(device=self.device, dtype=layout.dtype))
+
+    def close(self) -> None:
+        """Drop this runner's views of the pool so the pool's memory can be released."""
+        self._kv_layers = []
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _slot(self, block_table: list[int], position: int) -> int:
+        return block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _attention_metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
+        device = self.device
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        decode_slots = decode_mask = None
+        if decodes:
+            max_context = max(c.context_length for c in decodes)
+            max_blocks = -(-max_context // self.block_size)
+            tables = torch.tensor(
+                [c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks])) for c in decodes]
+            )  # [B, max_blocks]
+            offsets = torch.arange(max_context)
+            decode_slots = tables[:, offsets // self.block_size] * self.block_size + offsets % self.block_size
+            lengths = torch.tensor([c.context_length for c in decodes])
+            decode_mask = (offsets[None, :] < lengths[:, None])[:, None, None, :]
+            decode_slots, decode_mask = decode_slots.to(device), decode_mask.to(device)
+
+        prefills: list[PrefillSpan] = []
+        row = len(decodes)
+        for chunk in chunks[len(decodes) :]:
+            context_slots = torch.tensor(
+                [self._slot(chunk.block_table, p) for p in range(chunk.context_length)], device=device
+            )
+            mask = None
+            if chunk.start_position > 0:
+                query_positions = torch.arange(chunk.start_position, chunk.context_length, device=device)
+                key_positions = torch.arange(chunk.context_length, device=device)
+                mask = key_positions[None, :] <= query_positions[:, None]
+            prefills.append(PrefillSpan(row, chunk.num_tokens, context_slots, mask))
+            row += chunk.num_tokens
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode_tokens=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+
+    @staticmethod
+    def _layer_callback(
+        kv_hooks: dict[str, KVHook],
+        row_ranges: dict[str, tuple[int, int]],
+        chunks: list[ScheduledChunk],
+    ) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+        starts = {c.seq_id: c.start_position for c in chunks}
+        active = {seq_id: hook for seq_id, hook in kv_hooks.items() if seq_id in row_ranges}
+
+        def callback(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            for seq_id, hook in active.items():
+                first, last = row_ranges[seq_id]
+                hook(layer, starts[seq_id], k[first:last], v[first:last])
+
+        return callback
