@@ -23,8 +23,9 @@ class PrefillSpan:
 
     query_start: int
     query_length: int
-    context_slots: torch.Tensor
-    """[context_length] cache slots of every position the chunk attends to (its own included)."""
+    context_blocks: torch.Tensor
+    """[num_blocks] the blocks holding positions 0 .. context_length - 1 (its own included)."""
+    context_length: int
     causal_mask: torch.Tensor | None
     """[query_length, context_length] bool (True = attend); None when the chunk starts at 0."""
 
@@ -36,10 +37,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] flat cache slot (block * block_size + offset) of every token in the batch."""
     num_decode_tokens: int
-    decode_slots: torch.Tensor | None
-    """[num_decode, max_context] cache slots of each decode sequence, padded with slot 0."""
+    decode_blocks: torch.Tensor | None
+    """[num_decode, max_blocks] block table of each decode sequence, padded with block 0."""
     decode_mask: torch.Tensor | None
-    """[num_decode, 1, 1, max_context] bool, True for real (unpadded) positions."""
+    """[num_decode, 1, 1, max_blocks * block_size] bool, True for real (unpadded) positions."""
     prefills: list[PrefillSpan]
 
 
@@ -67,18 +68,23 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[-2]
     group = num_heads // num_kv_heads
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
+
+    def gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        # Whole blocks at once: index_select copies contiguous block-sized rows, ~2x faster
+        # than gathering token slots. Returns [*blocks.shape[:-1], num_positions, kv_heads, D].
+        rows = cache.index_select(0, blocks.reshape(-1)).to(compute_dtype)
+        return rows.view(*blocks.shape[:-1], -1, num_kv_heads, head_dim)
+
 
     num_decode = meta.num_decode_tokens
     if num_decode:
-        assert meta.decode_slots is not None and meta.decode_mask is not None
+        assert meta.decode_blocks is not None and meta.decode_mask is not None
         # All query heads of one KV head attend to the same keys: fold them into the query axis
         # instead of repeating K/V (GQA without copies).
         q_decode = q[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
-        keys = flat_k[meta.decode_slots].to(compute_dtype).transpose(1, 2)  # [B, kv, L, D]
-        values = flat_v[meta.decode_slots].to(compute_dtype).transpose(1, 2)
+        keys = gather(k_cache, meta.decode_blocks).transpose(1, 2)  # [B, kv, L, D]
+        values = gather(v_cache, meta.decode_blocks).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
             q_decode.to(compute_dtype), keys, values, attn_mask=meta.decode_mask
         )  # [B, kv, group, D]
@@ -87,8 +93,9 @@ def paged_attention(
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.query_length)
         q_span = q[rows].transpose(0, 1).unsqueeze(0).to(compute_dtype)  # [1, H, Lq, D]
-        keys = flat_k[span.context_slots].to(compute_dtype).transpose(0, 1).unsqueeze(0)
-        values = flat_v[span.context_slots].to(compute_dtype).transpose(0, 1).unsqueeze(0)
+        length = span.context_length
+        keys = gather(k_cache, span.context_blocks)[:length].transpose(0, 1).unsqueeze(0)
+        values = gather(v_cache, span.context_blocks)[:length].transpose(0, 1).unsqueeze(0)
         attended = F.scaled_dot_product_attention(
             q_span,
             keys,

@@ -103,36 +103,32 @@ class ModelRunner:
     def _attention_metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
         device = self.device
         decodes = [c for c in chunks if c.num_tokens == 1]
-        decode_slots = decode_mask = None
+        decode_blocks = decode_mask = None
         if decodes:
-            max_context = max(c.context_length for c in decodes)
-            max_blocks = -(-max_context // self.block_size)
-            tables = torch.tensor(
-                [c.block_table[:max_blocks] + [0] * (max_blocks - len(c.block_table[:max_blocks])) for c in decodes]
-            )  # [B, max_blocks]
-            offsets = torch.arange(max_context)
-            decode_slots = tables[:, offsets // self.block_size] * self.block_size + offsets % self.block_size
+            max_blocks = max(-(-c.context_length // self.block_size) for c in decodes)
+            padded = [c.block_table[:max_blocks] for c in decodes]
+            decode_blocks = torch.tensor([t + [0] * (max_blocks - len(t)) for t in padded])
+            offsets = torch.arange(max_blocks * self.block_size)
             lengths = torch.tensor([c.context_length for c in decodes])
             decode_mask = (offsets[None, :] < lengths[:, None])[:, None, None, :]
-            decode_slots, decode_mask = decode_slots.to(device), decode_mask.to(device)
+            decode_blocks, decode_mask = decode_blocks.to(device), decode_mask.to(device)
 
         prefills: list[PrefillSpan] = []
         row = len(decodes)
         for chunk in chunks[len(decodes) :]:
-            context_slots = torch.tensor(
-                [self._slot(chunk.block_table, p) for p in range(chunk.context_length)], device=device
-            )
+            num_blocks = -(-chunk.context_length // self.block_size)
+            context_blocks = torch.tensor(chunk.block_table[:num_blocks], device=device)
             mask = None
             if chunk.start_position > 0:
                 query_positions = torch.arange(chunk.start_position, chunk.context_length, device=device)
                 key_positions = torch.arange(chunk.context_length, device=device)
                 mask = key_positions[None, :] <= query_positions[:, None]
-            prefills.append(PrefillSpan(row, chunk.num_tokens, context_slots, mask))
+            prefills.append(PrefillSpan(row, chunk.num_tokens, context_blocks, chunk.context_length, mask))
             row += chunk.num_tokens
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             num_decode_tokens=len(decodes),
-            decode_slots=decode_slots,
+            decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             prefills=prefills,
         )

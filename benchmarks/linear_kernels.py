@@ -1,0 +1,193 @@
+"""Time dense fp32 vs int8 vs int4 PackedLinear on SmolLM2-135M's matrix shapes.
+
+Prints median microseconds per call for each (threads, shape, batch), the three formats run
+interleaved in every round so machine noise hits them alike, then the cost of dequantizing each
+shape to fp32 (what a hybrid layer pays per call above its dense_above threshold).
+
+Weights are cold, as in a real forward pass where ~30 layers of weights stream through a cache
+far smaller than the model: each format cycles through enough copies of a matrix to overflow
+the last-level cache (--warm times one cache-resident copy instead, which flatters dense fp32
+on the small matrices).
+
+    python benchmarks/linear_kernels.py                  # per-shape tables (~1.5 minutes)
+    python benchmarks/linear_kernels.py --model          # plus whole-model stacks (~5 minutes)
+    python benchmarks/linear_kernels.py --threads 1 --batches 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, WEIGHT_FORMATS, PackedLinear
+
+# (name, out_features, in_features) of SmolLM2-135M's GEMMs.
+SHAPES = (
+    ("gate_up", 3072, 576),
+    ("qkv", 960, 576),
+    ("o", 576, 576),
+    ("down", 576, 1536),
+    ("lm_head", 49152, 576),
+)
+BATCHES = (1, 8, 32, 64, 512)
+NUM_LAYERS = 30
+COLD_BYTES = 96 << 20
+"""Bytes of copies each format cycles through: 3x this machine's 32 MiB L3."""
+
+
+class Rotation:
+    """Calls copies of one layer in turn, so successive calls find no weight in cache."""
+
+    def __init__(self, layer: PackedLinear, x: torch.Tensor, cold_bytes: int) -> None:
+        num_copies = max(1, -(-cold_bytes // layer.nbytes))
+        self.layers = [layer] + [copy.deepcopy(layer) for _ in range(num_copies - 1)]
+        self.x = x
+        self.next_index = 0
+
+    def set_input(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __call__(self) -> torch.Tensor:
+        layer = self.layers[self.next_index]
+        self.next_index = (self.next_index + 1) % len(self.layers)
+        return layer(self.x)
+
+
+def median_us(
+    functions: Sequence[Callable[[], object]], budget_s: float, max_repeats: int
+) -> list[float]:
+    """Median wall time of each function, calling them round-robin; repeats fit the time budget."""
+    for function in functions:
+        function()  # warm-up: first-call allocations and lazy init
+    start = time.perf_counter()
+    for function in functions:
+        function()
+    round_s = time.perf_counter() - start
+    repeats = max(3, min(max_repeats, int(budget_s / max(round_s, 1e-9))))
+    samples: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, times in zip(functions, samples, strict=True):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) * 1e6 for times in samples]
+
+
+def kernel_table(batches: list[int], budget_s: float, max_repeats: int, warm: bool) -> None:
+    print("median us per call (speed-up over dense fp32)")
+    print(f"{'shape':<18}{'T':>5}{'dense':>10}{'int8':>18}{'int4':>18}")
+    for name, out_features, in_features in SHAPES:
+        weight = torch.randn(out_features, in_features) * 0.02
+        empty = torch.empty(0)
+        rotations = [
+            Rotation(PackedLinear(weight, fmt), empty, 0 if warm else COLD_BYTES)
+            for fmt in WEIGHT_FORMATS
+        ]
+        for batch in batches:
+            x = torch.randn(batch, in_features)
+            for rotation in rotations:
+                rotation.set_input(x)
+            times = median_us(rotations, budget_s, max_repeats)
+            cells = [f"{t:>8.0f} ({times[0] / t:4.2f}x)" for t in times[1:]]
+            label = f"{name} {out_features}x{in_features}"
+            print(f"{label:<18}{batch:>5}{times[0]:>10.0f}{cells[0]:>18}{cells[1]:>18}")
+
+
+def dequantize_table(budget_s: float, max_repeats: int) -> None:
+    print("dequantize to fp32 (a hybrid layer's extra cost above dense_above), median us per call")
+    print(f"{'shape':<18}{'int8':>10}{'int4':>10}")
+    for name, out_features, in_features in SHAPES:
+        weight = torch.randn(out_features, in_features) * 0.02
+        # dense_above=0 makes int4 keep the nibble copy it dequantizes from.
+        hybrids = [PackedLinear(weight, fmt, dense_above=0) for fmt in ("int8", "int4")]
+        times = median_us([hybrid.dequantize for hybrid in hybrids], budget_s, max_repeats)
+        label = f"{name} {out_features}x{in_features}"
+        print(f"{label:<18}{times[0]:>10.0f}{times[1]:>10.0f}")
+
+
+def model_table(batches: list[int], budget_s: float, max_repeats: int) -> None:
+    """All 30 layers' four GEMMs in turn, as one forward step of SmolLM2-135M runs them."""
+    variants: list[tuple[str, str, int | None]] = [
+        ("dense", "dense", None),
+        ("int8", "int8", None),
+        ("int4", "int4", None),
+        ("int8 hybrid", "int8", DEFAULT_DENSE_ABOVE),
+        ("int4 hybrid", "int4", DEFAULT_DENSE_ABOVE),
+    ]
+    stacks: list[list[PackedLinear]] = []
+    for _, weight_format, dense_above in variants:
+        stack = []
+        for _, out_features, in_features in SHAPES[:-1]:  # the LM head runs once, not per layer
+            weight = torch.randn(out_features, in_features) * 0.02
+            layer = PackedLinear(weight, weight_format, dense_above=dense_above)
+            stack += [layer] + [copy.deepcopy(layer) for _ in range(NUM_LAYERS - 1)]
+        stacks.append(stack)
+    megabytes = [sum(layer.nbytes for layer in stack) / 1e6 for stack in stacks]
+    print(
+        f"{NUM_LAYERS} layers x (qkv, o, gate_up, down), median ms per step (speed-up over dense);"
+        f" hybrids use dense_above={DEFAULT_DENSE_ABOVE}"
+    )
+    print(f"{'T':>5}" + "".join(f"{name:>18}" for name, _, _ in variants))
+    print(f"{'MB':>5}" + "".join(f"{size:>18.0f}" for size in megabytes))
+    for batch in batches:
+        inputs = {size: torch.randn(batch, size) for size in {576, 1536}}
+        # Below the threshold a hybrid runs exactly its kernel: not timed again.
+        timed = [
+            i
+            for i, (_, _, dense_above) in enumerate(variants)
+            if dense_above is None or batch > dense_above
+        ]
+        steps = [functools.partial(run_stack, stacks[i], inputs) for i in timed]
+        times = dict(zip(timed, median_us(steps, budget_s, max_repeats), strict=True))
+        cells = [
+            f"{times[i] / 1e3:>10.1f} ({times[0] / times[i]:4.2f}x)" if i in times else f"{'-':>18}"
+            for i in range(len(variants))
+        ]
+        print(f"{batch:>5}" + "".join(cells))
+
+
+def run_stack(stack: list[PackedLinear], inputs: dict[int, torch.Tensor]) -> None:
+    for layer in stack:
+        layer(inputs[layer.in_features])
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    print(
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{'warm' if args.warm else 'cold'} weights, load average {os.getloadavg()[0]:.2f}"
+    )
+    for num_threads in args.threads:
+        torch.set_num_threads(num_threads)
+        print(f"\n== threads={num_threads}")
+        kernel_table(args.batches, args.budget, args.max_repeats, args.warm)
+        print()
+        dequantize_table(args.budget, args.max_repeats)
+        if args.model:
+            print()
+            model_table(args.batches, args.budget, args.max_repeats)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument("--budget", type=float, default=0.4, help="seconds per table cell")
+    parser.add_argument("--max-repeats", type=int, default=31)
+    parser.add_argument("--warm", action="store_true", help="one cache-resident copy per format")
+    parser.add_argument(
+        "--model", action="store_true", help="also time whole 30-layer stacks (~1.2 GB, slower)"
+    )
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``pdserve bench``: each measures pdserve beside a baseline and writes JSON."""

@@ -1,0 +1,233 @@
+"""Weight-only quantized linear layers for CPU decoding.
+
+TABLE_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WEIGHT_FORMATS = ("dense", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+"""Group sizes ``_weight_int4pack_mm_for_cpu`` accepts."""
+DEFAULT_DENSE_ABOVE = 32
+"""Batch rows above which a hybrid layer runs dense fp32 (see the table above)."""
+
+_INT8_MAX = 127
+_INT4_LEVELS = 15
+# torch's int4 kernels read a nibble q in 0..15 as the value q - 8: w = (q - 8) * scale + zero.
+_INT4_OFFSET = 8
+# Multiples the kernels need: wider int8 rows read past the end (crash or NaN) unless in % 8 == 0;
+# the int4 packer works on blocks of 16 output rows.
+_INT8_IN_MULTIPLE = 8
+_INT4_OUT_MULTIPLE = 16
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q [out, in] int8, scales [out] bf16), w ~ q * scale.
+
+    The scale is rounded to bf16 (the kernel's dtype) *before* rounding the weights, so q is the
+    best integer for the scale the kernel really uses.
+    """
+    weight = weight.float()
+    max_abs = weight.abs().amax(dim=1)  # [out]
+    # bf16 moves the scale by at most 2^-8 relative, so max_abs / scale < 127.5 still rounds to 127.
+    scales = (max_abs / _INT8_MAX).to(torch.bfloat16)
+    safe_scales = torch.where(scales > 0, scales.float(), torch.ones_like(max_abs))
+    q = torch.round(weight / safe_scales[:, None]).clamp_(-_INT8_MAX, _INT8_MAX)
+    return q.to(torch.int8), scales
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groupwise asymmetric 4-bit with per-group min/max along the input dim.
+
+    Returns (q [out, in] int32 in 0..15, scales [out, groups] float32, mins [out, groups] float32)
+    with w ~ q * scale + min. A llama.cpp Q4_1 matrix (w = d * q + m, every group using both
+    q = 0 and q = 15, as llama.cpp's quantizer produces) dequantized to float comes back as its
+    original integers, with scale = d and min = m up to float32 rounding.
+    """
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    mins = groups.amin(dim=2)  # [out, groups]
+    scales = (groups.amax(dim=2) - mins) / _INT4_LEVELS
+    safe_scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round((groups - mins[..., None]) / safe_scales[..., None]).clamp_(0, _INT4_LEVELS)
+    return q.to(torch.int32).reshape(out_features, in_features), scales, mins
+
+
+class PackedLinear:
+    """A weight ``[out, in]`` prepared for one CPU kernel; call it as ``y = layer(x)``.
+
+    Formats:
+      * ``"dense"``: the weight as given (float32 unless another dtype is passed), ``F.linear``.
+      * ``"int8"``: symmetric per-output-channel int8, ``_weight_int8pack_mm`` on bf16 activations.
+      * ``"int4"``: asymmetric groupwise 4-bit (``group_size`` along the input dim, bf16 scale and
+        zero per group), ``_weight_int4pack_mm_for_cpu`` on bf16 activations.
+
+    With ``dense_above`` set, a quantized layer runs batches of more than ``dense_above`` rows
+    (prefill) as fp32 ``F.linear`` on weights dequantized for that call, because there the fp32
+    GEMM is compute-bound and faster than the quantized kernels; nothing extra is stored for
+    int8, int4 keeps its integers a second time in a plain nibble layout (+0.5 byte per weight).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_format: str,
+        group_size: int = 32,
+        dense_above: int | None = None,
+    ) -> None:
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format {weight_format!r} is not one of {WEIGHT_FORMATS}")
+        if weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(
+                f"weight must be a 2-D float tensor [out, in], got {weight.dtype} {tuple(weight.shape)}"
+            )
+        if dense_above is not None and dense_above < 0:
+            raise ValueError(f"dense_above must be >= 0 or None, got {dense_above}")
+        self.weight_format = weight_format
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size
+        self.dense_above = dense_above
+        self._tensors: dict[str, torch.Tensor] = {}
+        if weight_format == "dense":
+            self._tensors["weight"] = weight.contiguous()
+            return
+        _check_quantized_shape(weight, weight_format, group_size)
+        if weight_format == "int8":
+            q, scales = quantize_int8(weight)
+            self._tensors["weight"] = q  # [out, in] int8
+            self._tensors["scales"] = scales  # [out] bf16
+        else:
+            self._pack_int4(weight, group_size)
+
+    def _pack_int4(self, weight: torch.Tensor, group_size: int) -> None:
+        q, scales, mins = quantize_int4(weight, group_size)
+        # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale: rounding that sum
+        # (rather than min) to bf16 centres the scale's rounding error on q = 8.
+        zeros = mins + _INT4_OFFSET * scales
+        # scales_and_zeros: [groups, out, 2] bf16, the layout the kernel reads.
+        scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+        self._tensors["weight"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self._tensors["scales_and_zeros"] = scales_and_zeros.to(torch.bfloat16)
+        if self.dense_above is not None:
+            # The kernel's packed layout depends on the CPU's vector width, so keep our own:
+            # nibbles [out, in / 2], low nibble = column j, high nibble = column j + in / 2.
+            half = self.in_features // 2
+            nibbles = q[:, :half] | (q[:, half:] << 4)
+            self._tensors["nibbles"] = nibbles.to(torch.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this layer holds: packed weight, scales and zeros, and any fallback copy."""
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] float -> [T, out] float32."""
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"expected input [T, {self.in_features}], got {tuple(x.shape)}")
+        if self.weight_format == "dense":
+            weight = self._tensors["weight"]
+            return F.linear(x.to(weight.dtype), weight).float()
+        if self.dense_above is not None and x.shape[0] > self.dense_above:
+            return F.linear(x.float(), self.dequantize())
+        # x_bf16: [T, in]; both kernels return [T, out] bf16.
+        x_bf16 = x.to(torch.bfloat16).contiguous()
+        if self.weight_format == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(
+                x_bf16, self._tensors["weight"], self._tensors["scales"]
+            )
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x_bf16,
+                self._tensors["weight"],
+                self.group_size,
+                self._tensors["scales_and_zeros"],
+            )
+        return y.float()
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] the quantized kernel multiplies by (dense: a float copy).
+
+        int4 layers built without ``dense_above`` have no nibble copy and unpack through the
+        kernel instead, which is correct but slow: meant for tests and inspection.
+        """
+        if self.weight_format == "dense":
+            return self._tensors["weight"].float()
+        if self.weight_format == "int8":
+            # In place after one int8 -> float copy: a broadcasting int8 * float multiply
+            # takes a slow mixed-dtype path (~30x slower, measured).
+            weight = self._tensors["weight"].float()
+            return weight.mul_(self._tensors["scales"].float()[:, None])
+        return self._dequantize_int4()
+
+    def _dequantize_int4(self) -> torch.Tensor:
+        out_features, in_features = self.out_features, self.in_features
+        num_groups = in_features // self.group_size
+        nibbles = self._tensors.get("nibbles")  # [out, in / 2]
+        if nibbles is None:
+            q = self._unpack_int4_with_kernel()
+        else:
+            q = torch.empty(out_features, 2, in_features // 2, dtype=torch.uint8)
+            torch.bitwise_and(nibbles, 0xF, out=q[:, 0])
+            torch.bitwise_right_shift(nibbles, 4, out=q[:, 1])
+        # weight: [out, groups, group_size]; scales, zeros: [out, groups, 1]
+        weight = q.reshape(out_features, num_groups, self.group_size).float()
+        scales_and_zeros = self._tensors["scales_and_zeros"].float()  # [groups, out, 2]
+        scales = scales_and_zeros[..., 0].t()
+        # Fold the -8 offset into the zero as the kernel does: w = q * scale + (zero - 8 * scale).
+        zeros = scales_and_zeros[..., 1].t() - _INT4_OFFSET * scales
+        # Two in-place ops: addcmul with these broadcasts is ~10x slower (measured).
+        weight.mul_(scales[..., None]).add_(zeros[..., None])
+        return weight.view(out_features, in_features)
+
+    def _unpack_int4_with_kernel(self) -> torch.Tensor:
+        """q [out, in] in 0..15 read back through the kernel itself: slow (an in x in x out GEMM)."""
+        identity = torch.eye(self.in_features, dtype=torch.bfloat16)
+        # scale 1, zero 8 turn each nibble into its own value q, exact in bf16.
+        unit = torch.tensor([1.0, float(_INT4_OFFSET)], dtype=torch.bfloat16)
+        num_groups = self.in_features // self.group_size
+        unit_scales_and_zeros = unit.expand(num_groups, self.out_features, 2).contiguous()
+        q_t = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            identity, self._tensors["weight"], self.group_size, unit_scales_and_zeros
+        )  # [in, out]
+        return q_t.t().to(torch.uint8)
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedLinear({self.weight_format}, out={self.out_features}, in={self.in_features}, "
+            f"nbytes={self.nbytes}, dense_above={self.dense_above})"
+        )
+
+
+def _check_quantized_shape(weight: torch.Tensor, weight_format: str, group_size: int) -> None:
+    """Raise where torch's kernel would fail, or silently compute garbage, on this weight."""
+    if weight.device.type != "cpu":
+        raise NotImplementedError(
+            f"{weight_format} PackedLinear runs torch's CPU kernels only; weight is on "
+            f"{weight.device} (CUDA's _weight_int4pack_mm needs a different tiled packing)"
+        )
+    out_features, in_features = weight.shape
+    if weight_format == "int8":
+        if in_features % _INT8_IN_MULTIPLE:
+            raise ValueError(
+                f"int8 needs in_features divisible by {_INT8_IN_MULTIPLE}, got {in_features}"
+            )
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            raise NotImplementedError("this torch build has no aten._weight_int8pack_mm")
+        return
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size:
+        raise ValueError(
+            f"int4 needs in_features divisible by group_size {group_size}, got {in_features}"
+        )
+    if out_features % _INT4_OUT_MULTIPLE:
+        raise ValueError(
+            f"int4 needs out_features divisible by {_INT4_OUT_MULTIPLE}, got {out_features}"
+        )
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise NotImplementedError("this torch build has no aten._weight_int4pack_mm_for_cpu")
