@@ -55,6 +55,32 @@ def test_seeded_sampling_is_the_same_split_or_colocated(llm: LLM, checkpoint: Ch
     assert colocated.outputs[0].token_ids != colocated.outputs[1].token_ids
 
 
+def test_prefill_layer_hook_sees_every_layer_of_the_prompt(checkpoint: Checkpoint) -> None:
+    import torch
+
+    # Small chunks: the hook is called once per layer per chunk, with the chunk's start position.
+    config = EngineConfig(
+        model=ModelConfig(dtype="float32"),
+        scheduler=SchedulerConfig(max_num_batched_tokens=16),
+        show_progress=False,
+    )
+    llm = LLM(config=config, checkpoint=checkpoint)
+    calls: list[tuple[int, int, int]] = []
+    pieces: dict[int, list[torch.Tensor]] = {}
+
+    def hook(layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        calls.append((layer, start, k.shape[0]))
+        pieces.setdefault(layer, []).append(torch.stack([k, v]).clone())
+
+    prompt_ids = list(range(300, 340))  # 40 tokens: chunks of 16, 16, 8
+    handoff = llm.prefill_only(prompt_ids, SamplingParams(max_tokens=2), kv_hook=hook)
+    llm.close()
+    assert [c for c in calls if c[0] == 0] == [(0, 0, 16), (0, 16, 16), (0, 32, 8)]
+    assert sorted({c[0] for c in calls}) == list(range(checkpoint.architecture.num_layers))
+    for layer, chunks in pieces.items():
+        assert torch.equal(torch.cat(chunks, dim=1), handoff.kv[layer])
+
+
 def test_unseeded_sampling_still_varies(llm: LLM) -> None:
     params = SamplingParams(max_tokens=12, temperature=1.0)
     first, second = llm.generate([PROMPT, PROMPT], params)

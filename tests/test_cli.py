@@ -1,0 +1,49 @@
+"""The pdserve command line, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fixtures_model import default_model_path
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_explains_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("generate", "export", "bench"):
+        assert command in result.stdout
+    assert "--max-tokens" in run_cli("generate", "--help").stdout
+
+
+def test_generate_prints_the_greedy_completion() -> None:
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "loaded SmolLM2-135M-Instruct" in result.stderr  # the load report
+
+
+def test_generate_reports_bad_input_without_a_traceback() -> None:
+    result = run_cli("generate", "hi", "--max-tokens", "0")
+    assert result.returncode == 2
+    assert "max_tokens must be at least 1" in result.stderr and "Traceback" not in result.stderr
+    missing = run_cli("generate", "hi", "--model", "/nonexistent/model.gguf")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_export_writes_a_hugging_face_directory(tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    result = run_cli("export", "--hf-dir", str(out), "--model", str(default_model_path()))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "model.safetensors").stat().st_size > 100_000_000
+    assert (out / "tokenizer.json").exists()
