@@ -75,10 +75,10 @@ def test_table_renders_without_hf() -> None:
     report: dict[str, Any] = {
         "plan": plan.__dict__,
         "pdserve": {
-            "model_name": "m", "weight_dtype": "float32", "load_seconds": 1.0,
+            "model_name": "m", "dtype": "auto", "weight_dtype": "float32", "load_seconds": 1.0,
             "prefill": [{"prompt_tokens": 512, "tokens_per_second": 500.0, "median_seconds": 1.02}],
             "decode": [decode, {**decode, "batch_size": 8}],
-            "memory": {"run_peak_rss_bytes": 2**30, "load_peak_rss_bytes": 2**30},
+            "memory": {"run_peak_rss_bytes": 2**30, "load_peak_rss_bytes": 2**30, "kv_pool_bytes": 2**28},
         },
         "hf": None,
         "ratios": {"prefill_vs_hf_float32": {}, "prefill_vs_hf_bfloat16": {}, "decode_vs_hf_float32": {},

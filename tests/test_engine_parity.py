@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 from hf_reference import ReferenceResult, reference_greedy
-from prompts import CHAT_MESSAGES, TEXT_PROMPTS, long_prompt
 
+from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS, long_prompt
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint

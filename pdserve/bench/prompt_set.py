@@ -1,4 +1,4 @@
-"""The fixed prompt set of the parity tests and quality reports."""
+"""The fixed prompt set of the parity tests, the dtype-agreement report and the codec reports."""
 
 from __future__ import annotations
 
