@@ -1,8 +1,9 @@
 """Time dense fp32 vs int8 vs int4 PackedLinear on SmolLM2-135M's matrix shapes.
 
-Prints median microseconds per call for each (threads, shape, batch), the three formats run
-interleaved in every round so machine noise hits them alike, then the cost of dequantizing each
-shape to fp32 (what a hybrid layer pays per call above its dense_above threshold).
+Prints median (or --min) microseconds per call for each (threads, shape, batch), the three
+formats run interleaved in every round so machine noise hits them alike; then the cost of
+dequantizing each shape to fp32 (what a hybrid layer pays per call above its dense_above
+threshold); with --model, whole 30-layer stacks per format, hybrids included.
 
 Weights are cold, as in a real forward pass where ~30 layers of weights stream through a cache
 far smaller than the model: each format cycles through enough copies of a matrix to overflow
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import os
 import statistics
@@ -37,6 +39,7 @@ SHAPES = (
     ("lm_head", 49152, 576),
 )
 BATCHES = (1, 8, 32, 64, 512)
+MODEL_BATCHES = (1, 8, 16, 32, 64, 512)
 NUM_LAYERS = 30
 COLD_BYTES = 96 << 20
 """Bytes of copies each format cycles through: 3x this machine's 32 MiB L3."""
@@ -60,28 +63,39 @@ class Rotation:
         return layer(self.x)
 
 
-def median_us(
-    functions: Sequence[Callable[[], object]], budget_s: float, max_repeats: int
-) -> list[float]:
-    """Median wall time of each function, calling them round-robin; repeats fit the time budget."""
-    for function in functions:
-        function()  # warm-up: first-call allocations and lazy init
-    start = time.perf_counter()
-    for function in functions:
-        function()
-    round_s = time.perf_counter() - start
-    repeats = max(3, min(max_repeats, int(budget_s / max(round_s, 1e-9))))
-    samples: list[list[float]] = [[] for _ in functions]
-    for _ in range(repeats):
-        for function, times in zip(functions, samples, strict=True):
-            start = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class Timer:
+    budget_s: float
+    """Seconds to spend per table cell (at least 3 rounds either way)."""
+    max_repeats: int
+    use_min: bool
+    """Report the fastest round instead of the median: steadier on a machine shared with others."""
+
+    @property
+    def label(self) -> str:
+        return "min" if self.use_min else "median"
+
+    def time_us(self, functions: Sequence[Callable[[], object]]) -> list[float]:
+        """Wall time of each function, called round-robin so noise hits them all alike."""
+        for function in functions:
+            function()  # warm-up: first-call allocations and lazy init
+        start = time.perf_counter()
+        for function in functions:
             function()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) * 1e6 for times in samples]
+        round_s = time.perf_counter() - start
+        repeats = max(3, min(self.max_repeats, int(self.budget_s / max(round_s, 1e-9))))
+        samples: list[list[float]] = [[] for _ in functions]
+        for _ in range(repeats):
+            for function, times in zip(functions, samples, strict=True):
+                start = time.perf_counter()
+                function()
+                times.append(time.perf_counter() - start)
+        statistic = min if self.use_min else statistics.median
+        return [statistic(times) * 1e6 for times in samples]
 
 
-def kernel_table(batches: list[int], budget_s: float, max_repeats: int, warm: bool) -> None:
-    print("median us per call (speed-up over dense fp32)")
+def kernel_table(batches: list[int], timer: Timer, warm: bool) -> None:
+    print(f"{timer.label} us per call (speed-up over dense fp32)")
     print(f"{'shape':<18}{'T':>5}{'dense':>10}{'int8':>18}{'int4':>18}")
     for name, out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.02
@@ -94,61 +108,67 @@ def kernel_table(batches: list[int], budget_s: float, max_repeats: int, warm: bo
             x = torch.randn(batch, in_features)
             for rotation in rotations:
                 rotation.set_input(x)
-            times = median_us(rotations, budget_s, max_repeats)
+            times = timer.time_us(rotations)
             cells = [f"{t:>8.0f} ({times[0] / t:4.2f}x)" for t in times[1:]]
             label = f"{name} {out_features}x{in_features}"
             print(f"{label:<18}{batch:>5}{times[0]:>10.0f}{cells[0]:>18}{cells[1]:>18}")
 
 
-def dequantize_table(budget_s: float, max_repeats: int) -> None:
-    print("dequantize to fp32 (a hybrid layer's extra cost above dense_above), median us per call")
+def dequantize_table(timer: Timer) -> None:
+    print(f"dequantize to fp32 (a hybrid layer's extra cost per dense call), {timer.label} us")
     print(f"{'shape':<18}{'int8':>10}{'int4':>10}")
     for name, out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.02
         # dense_above=0 makes int4 keep the nibble copy it dequantizes from.
         hybrids = [PackedLinear(weight, fmt, dense_above=0) for fmt in ("int8", "int4")]
-        times = median_us([hybrid.dequantize for hybrid in hybrids], budget_s, max_repeats)
+        times = timer.time_us([hybrid.dequantize for hybrid in hybrids])
         label = f"{name} {out_features}x{in_features}"
         print(f"{label:<18}{times[0]:>10.0f}{times[1]:>10.0f}")
 
 
-def model_table(batches: list[int], budget_s: float, max_repeats: int) -> None:
-    """All 30 layers' four GEMMs in turn, as one forward step of SmolLM2-135M runs them."""
-    variants: list[tuple[str, str, int | None]] = [
-        ("dense", "dense", None),
-        ("int8", "int8", None),
-        ("int4", "int4", None),
-        ("int8 hybrid", "int8", DEFAULT_DENSE_ABOVE),
-        ("int4 hybrid", "int4", DEFAULT_DENSE_ABOVE),
-    ]
-    stacks: list[list[PackedLinear]] = []
-    for _, weight_format, dense_above in variants:
-        stack = []
-        for _, out_features, in_features in SHAPES[:-1]:  # the LM head runs once, not per layer
-            weight = torch.randn(out_features, in_features) * 0.02
-            layer = PackedLinear(weight, weight_format, dense_above=dense_above)
-            stack += [layer] + [copy.deepcopy(layer) for _ in range(NUM_LAYERS - 1)]
-        stacks.append(stack)
-    megabytes = [sum(layer.nbytes for layer in stack) / 1e6 for stack in stacks]
+MODEL_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
+    ("dense", "dense", None),
+    ("int8", "int8", None),
+    ("int4", "int4", None),
+    ("int8 hybrid", "int8", DEFAULT_DENSE_ABOVE["int8"]),
+    ("int4 hybrid", "int4", DEFAULT_DENSE_ABOVE["int4"]),
+)
+
+
+def build_model_stacks() -> list[list[PackedLinear]]:
+    """Per variant, the 30 layers' four GEMMs in the order a forward step runs them."""
+    stacks = []
+    for _, weight_format, dense_above in MODEL_VARIANTS:
+        per_shape = [
+            PackedLinear(torch.randn(out_f, in_f) * 0.02, weight_format, dense_above=dense_above)
+            for _, out_f, in_f in SHAPES[:-1]  # the LM head runs once per step, not per layer
+        ]
+        copies = [[copy.deepcopy(layer) for layer in per_shape] for _ in range(NUM_LAYERS - 1)]
+        stacks.append([layer for layers in [per_shape, *copies] for layer in layers])
+    return stacks
+
+
+def model_table(stacks: list[list[PackedLinear]], batches: list[int], timer: Timer) -> None:
     print(
-        f"{NUM_LAYERS} layers x (qkv, o, gate_up, down), median ms per step (speed-up over dense);"
-        f" hybrids use dense_above={DEFAULT_DENSE_ABOVE}"
+        f"{NUM_LAYERS} layers x (qkv, o, gate_up, down), {timer.label} ms per step "
+        f"(speed-up over dense); hybrids use dense_above={DEFAULT_DENSE_ABOVE}"
     )
-    print(f"{'T':>5}" + "".join(f"{name:>18}" for name, _, _ in variants))
+    print(f"{'T':>5}" + "".join(f"{name:>18}" for name, _, _ in MODEL_VARIANTS))
+    megabytes = [sum(layer.nbytes for layer in stack) / 1e6 for stack in stacks]
     print(f"{'MB':>5}" + "".join(f"{size:>18.0f}" for size in megabytes))
     for batch in batches:
-        inputs = {size: torch.randn(batch, size) for size in {576, 1536}}
-        # Below the threshold a hybrid runs exactly its kernel: not timed again.
+        inputs = {size: torch.randn(batch, size) for size in (576, 1536)}
+        # At or below its threshold a hybrid runs exactly its kernel: not timed again.
         timed = [
             i
-            for i, (_, _, dense_above) in enumerate(variants)
+            for i, (_, _, dense_above) in enumerate(MODEL_VARIANTS)
             if dense_above is None or batch > dense_above
         ]
         steps = [functools.partial(run_stack, stacks[i], inputs) for i in timed]
-        times = dict(zip(timed, median_us(steps, budget_s, max_repeats), strict=True))
+        times = dict(zip(timed, timer.time_us(steps), strict=True))
         cells = [
             f"{times[i] / 1e3:>10.1f} ({times[0] / times[i]:4.2f}x)" if i in times else f"{'-':>18}"
-            for i in range(len(variants))
+            for i in range(len(MODEL_VARIANTS))
         ]
         print(f"{batch:>5}" + "".join(cells))
 
@@ -160,19 +180,21 @@ def run_stack(stack: list[PackedLinear], inputs: dict[int, torch.Tensor]) -> Non
 
 def run(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
+    timer = Timer(args.budget, args.max_repeats, args.min)
     print(
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{'warm' if args.warm else 'cold'} weights, load average {os.getloadavg()[0]:.2f}"
+        f"{'warm' if args.warm else 'cold'} weights"
     )
+    stacks = build_model_stacks() if args.model else []
     for num_threads in args.threads:
         torch.set_num_threads(num_threads)
-        print(f"\n== threads={num_threads}")
-        kernel_table(args.batches, args.budget, args.max_repeats, args.warm)
+        print(f"\n== threads={num_threads}, load average {os.getloadavg()[0]:.2f}")
+        kernel_table(args.batches, timer, args.warm)
         print()
-        dequantize_table(args.budget, args.max_repeats)
-        if args.model:
+        dequantize_table(timer)
+        if stacks:
             print()
-            model_table(args.batches, args.budget, args.max_repeats)
+            model_table(stacks, args.model_batches, timer)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
 
 
@@ -182,10 +204,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument("--budget", type=float, default=0.4, help="seconds per table cell")
     parser.add_argument("--max-repeats", type=int, default=31)
+    parser.add_argument("--min", action="store_true", help="report min instead of median")
     parser.add_argument("--warm", action="store_true", help="one cache-resident copy per format")
     parser.add_argument(
-        "--model", action="store_true", help="also time whole 30-layer stacks (~1.2 GB, slower)"
+        "--model", action="store_true", help="also time whole 30-layer stacks (~1 GB, slower)"
     )
+    parser.add_argument("--model-batches", type=int, nargs="+", default=list(MODEL_BATCHES))
     run(parser.parse_args())
 
 

@@ -21,6 +21,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="compute dtype (default: auto = bfloat16 on GPUs and CPUs with bf16 hardware, "
         "else float32; float32 is what the reference-parity tests use)",
     )
+    parser.add_argument(
+        "--weight-format",
+        default="dense",
+        choices=["dense", "int8", "int4"],
+        help="projection weights: dense (default), or weight-only int8/int4 kernels that speed up "
+        "CPU decoding (prefill batches still run dense)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -88,7 +95,10 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads)
+    llm = LLM(
+        args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+        weight_format=args.weight_format,
+    )
     try:
         if args.chat:
             (output,) = llm.chat([{"role": "user", "content": args.prompt}], params)

@@ -258,3 +258,18 @@ def test_blocks_return_after_any_mix_of_requests(llm: LLM, stream: list[tuple[in
             break
     assert not engine.has_unfinished_requests()
     assert engine.stats().num_free_blocks == initial
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_quantized_weights_generate_the_same_answer(checkpoint: Checkpoint, weight_format: str) -> None:
+    config = EngineConfig(
+        model=ModelConfig(dtype="float32", weight_format=weight_format),
+        cache=CacheConfig(num_blocks=64),
+        show_progress=False,
+    )
+    llm = LLM(config=config, checkpoint=checkpoint)
+    # A 40-token prompt runs its prefill through the dense fallback, decoding through the kernel.
+    prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
+    (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
+    llm.close()
+    assert output.outputs[0].text.startswith(" Paris")

@@ -273,7 +273,6 @@ def _engine_config(plan: BenchPlan) -> EngineConfig:
     from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
     block_size = CacheConfig().block_size
-    budget = max(2048, plan.context_length, *plan.prefill_lengths)
     max_batch = max(plan.batch_sizes)
     decode_blocks = -(-(plan.context_length + _decode_max_tokens(plan, max_batch)) // block_size)
     prefill_blocks = -(-(max(plan.prefill_lengths) + 1) // block_size)
@@ -285,15 +284,19 @@ def _engine_config(plan: BenchPlan) -> EngineConfig:
             num_blocks=max(max_batch * decode_blocks, prefill_blocks) + 1,
             enable_prefix_caching=False,
         ),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_batch),
+        scheduler=SchedulerConfig(max_num_batched_tokens=_step_budget(plan), max_num_seqs=max_batch),
         show_progress=False,
     )
 
 
+def _step_budget(plan: BenchPlan) -> int:
+    """Tokens per engine step: every prefill prompt runs whole, in one step."""
+    return max(2048, plan.context_length, *plan.prefill_lengths)
+
+
 def _admission_steps_bound(plan: BenchPlan, batch_size: int) -> int:
     """Most steps until a batch is decoding: its prompts share each step's budget with its decodes."""
-    budget = max(2048, plan.context_length, *plan.prefill_lengths)
-    return -(-batch_size * plan.context_length // (budget - batch_size)) + 2
+    return -(-batch_size * plan.context_length // (_step_budget(plan) - batch_size)) + 2
 
 
 def _decode_max_tokens(plan: BenchPlan, batch_size: int) -> int:
@@ -403,7 +406,10 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
     plan = BenchPlan.create(str(model_path), args.dtype, args.device, num_threads, args.quick)
     torch.set_num_threads(num_threads)
     machine = machine_info(num_threads)
+    if _is_busy(machine):
+        log("bench", f"WARNING: other processes use {machine['cpu_busy_percent_start']:.0f}% of the CPU")
 
+    others = OtherCpuMeter()
     log("bench", f"measuring copy bandwidth on {plan.device}")
     bandwidth = measure_copy_bandwidth(plan.device, num_repeats=5 if args.quick else 10)
     log("bench", f"copy bandwidth {bandwidth['bytes_per_second'] / 1e9:.1f} GB/s")
@@ -414,12 +420,13 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
         print(f"pdserve: error: {error}", file=sys.stderr)
         return 1
     machine["load_average_end"] = _load_average()
+    machine["other_cpu_percent_during_run"] = others.percent()
 
     report = build_report(plan, machine, bandwidth, ours, hf)
     report["args"] = dict(vars(args))
     report["command_line"] = shlex.join([sys.executable, *sys.argv])
     report["total_seconds"] = time.perf_counter() - started
-    print(format_table(report))
+    print(format_table(report), flush=True)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
@@ -435,11 +442,16 @@ def _run_side(side: str, plan: BenchPlan) -> dict[str, Any]:
             sys.executable, "-m", "pdserve.bench.engine",
             "--side", side, "--plan", plan.to_json(), "--result", str(result_path),
         ]  # fmt: skip
-        completed = subprocess.run(command, stdout=sys.stderr.fileno(), check=False)
+        # transformers' GGUF reader draws a tqdm bar of its own; TQDM_DISABLE silences it.
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        others = OtherCpuMeter()
+        completed = subprocess.run(command, stdout=sys.stderr.fileno(), env=env, check=False)
         if completed.returncode != 0 or not result_path.exists():
             raise SideFailedError(f"the {side} side of the benchmark failed (exit {completed.returncode})")
         result: dict[str, Any] = json.loads(result_path.read_text())
-        return result
+    result["other_cpu_percent"] = others.percent()
+    log("bench", f"other processes used {result['other_cpu_percent']:.0f}% of the CPU meanwhile")
+    return result
 
 
 def _num_cores() -> int:
@@ -450,6 +462,38 @@ def _num_cores() -> int:
 
 def _load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _is_busy(machine: dict[str, Any]) -> bool:
+    """Whether other jobs used the CPU. They make every number low and noisy: an OpenMP region
+    waits for its slowest thread, and a descheduled one costs milliseconds."""
+    during = machine.get("other_cpu_percent_during_run")
+    return bool(machine["cpu_busy_percent_start"] > 20.0 or (during is not None and during > 10.0))
+
+
+class OtherCpuMeter:
+    """Share of all cores that processes other than this one and its children kept busy."""
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+        self._system_busy = self._busy_seconds()
+        self._own = self._own_seconds()
+
+    @staticmethod
+    def _busy_seconds() -> float:
+        times = psutil.cpu_times()
+        return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
+
+    @staticmethod
+    def _own_seconds() -> float:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def percent(self) -> float:
+        """Call after the children ended (their CPU time is counted once they are waited for)."""
+        wall = time.monotonic() - self._started
+        others = (self._busy_seconds() - self._system_busy) - (self._own_seconds() - self._own)
+        return max(0.0, 100.0 * others / (wall * (os.cpu_count() or 1)))
 
 
 def machine_info(num_threads: int) -> dict[str, Any]:
@@ -474,6 +518,8 @@ def machine_info(num_threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "num_threads": num_threads,
         "load_average_start": _load_average(),
+        # Share of all cores in use during one second in which this process idles.
+        "cpu_busy_percent_start": psutil.cpu_percent(interval=1.0),
     }
 
 
@@ -630,7 +676,8 @@ def format_table(report: dict[str, Any]) -> str:
     hf_prefill = hf["prefill"] if hf else []
     hf_decode = hf["decode"] if hf else []
     missing = "-" if hf else "skipped"
-    header = ["", f"pdserve {ours['weight_dtype']}", "HF sdpa float32", "HF sdpa bfloat16", "pdserve / HF", "target"]
+    ours_dtype = ours["weight_dtype"] + (f" ({ours['dtype']})" if ours["dtype"] != ours["weight_dtype"] else "")
+    header = ["", f"pdserve {ours_dtype}", "HF sdpa float32", "HF sdpa bfloat16", "pdserve / HF", "target"]
     rows: list[list[str]] = []
 
     for length in plan["prefill_lengths"]:
@@ -676,7 +723,8 @@ def format_table(report: dict[str, Any]) -> str:
     ])  # fmt: skip
     hf_memory = hf["memory"] if hf else {}
     rows.append([
-        "peak RSS after loading (all phases)", _gib(ours["memory"]["run_peak_rss_bytes"]),
+        "peak RSS after loading (all phases)",
+        f"{_gib(ours['memory']['run_peak_rss_bytes'])} (KV pool {_gib(ours['memory']['kv_pool_bytes'])})",
         _gib(hf_memory.get("run_peak_rss_bytes")) if hf else missing, "-",
         _ratio_cell(ratios["run_peak_rss_vs_hf"]), "",
     ])  # fmt: skip
@@ -704,9 +752,13 @@ def format_table(report: dict[str, Any]) -> str:
         f"decode: {plan['num_decode_steps']} timed steps after {plan['num_warmup_steps']} warmup; "
         f"prefill: median of {plan['num_prefill_repeats']} distinct prompts, prefix caching off",
     ]
-    load = machine.get("load_average_start")
-    if load is not None and load[0] > 0.5:
-        notes.append(f"WARNING: load average {load[0]:.1f} at start: another job shared the CPU, numbers are noisy")
+    if _is_busy(machine):
+        sides = [("pdserve", ours), ("HF", hf)] if hf else [("pdserve", ours)]
+        during = ", ".join(f"{side['other_cpu_percent']:.0f}% during {name}" for name, side in sides)
+        notes.append(
+            f"WARNING: other processes used {machine['cpu_busy_percent_start']:.0f}% of the CPU at the "
+            f"start, {during}: these numbers are noisy and low"
+        )
     table = [line(header), line(["-" * width for width in widths]), *(line(row) for row in rows)]
     return "\n".join([*table, "", *notes])
 

@@ -24,6 +24,9 @@ class ModelConfig:
     """dtype of the paged KV cache; None means the same as ``dtype``."""
     device: str = "cpu"
     """torch device string, e.g. "cpu" or "cuda:0"."""
+    weight_format: str = "dense"
+    """Projection weights: "dense" (the compute dtype), or weight-only "int8" / "int4" for
+    CPU decoding, which reads every weight each step (prefill batches run dense)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None means the model's trained context length."""
     num_threads: int | None = None
@@ -34,6 +37,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in _DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.weight_format not in ("dense", "int8", "int4"):
+            raise ValueError(f"weight_format must be dense, int8 or int4, got {self.weight_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -26,6 +26,7 @@ class LLM:
         dtype: str = "auto",
         device: str = "cpu",
         threads: int | None = None,
+        weight_format: str = "dense",
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         config: EngineConfig | None = None,
@@ -34,7 +35,9 @@ class LLM:
     ) -> None:
         if config is None:
             config = EngineConfig(
-                model=ModelConfig(path=model, dtype=dtype, device=device, num_threads=threads),
+                model=ModelConfig(
+                    path=model, dtype=dtype, device=device, num_threads=threads, weight_format=weight_format
+                ),
                 cache=cache or CacheConfig(),
                 scheduler=scheduler or SchedulerConfig(),
                 show_progress=show_progress,

@@ -30,6 +30,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load, for logs, metrics and routing."""
@@ -62,7 +63,9 @@ class LLMEngine:
         self.device = torch.device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, self.device)
         kv_dtype = resolve_dtype(config.model.kv_cache_dtype or config.model.dtype, self.device)
-        self.model = LlamaModel(arch, checkpoint.weights, dtype, self.device, self.max_model_len)
+        self.model = LlamaModel(
+            arch, checkpoint.weights, dtype, self.device, self.max_model_len, config.model.weight_format
+        )
 
         layout = plan_layout(arch, config.cache, kv_dtype)
         self.kv_pool = allocate_pool(layout, config.cache, self.device)

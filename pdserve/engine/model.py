@@ -15,6 +15,10 @@ import torch.nn.functional as F
 
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
+
+Projection = torch.Tensor | PackedLinear
+"""A projection weight: a dense ``[out, in]`` tensor, or one packed for a quantized kernel."""
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called after each layer wrote its K/V: (layer index, k [T, kv_heads, D], v [T, kv_heads, D])."""
@@ -57,6 +61,7 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         max_positions: int,
+        weight_format: str = "dense",
     ) -> None:
         self.arch = arch
         self.dtype = dtype
@@ -71,24 +76,34 @@ class LlamaModel:
                 raise ValueError(f"checkpoint lacks weight {name!r}") from None
             return tensor.to(device=device, dtype=dtype).contiguous()
 
+        def project(weight: torch.Tensor) -> Projection:
+            # Quantized kernels win where decoding is bound by reading weights; batches above
+            # dense_above rows (prefill) run dense on weights dequantized for that call.
+            if weight_format == "dense":
+                return weight
+            return PackedLinear(weight, weight_format, dense_above=DEFAULT_DENSE_ABOVE[weight_format])
+
+        self.weight_format = weight_format
         self.embed_tokens = take("model.embed_tokens.weight")
-        self.lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
+        self.lm_head = project(
+            self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
+        )
         self.final_norm = take("model.norm.weight")
-        self.layers: list[dict[str, torch.Tensor]] = []
+        self.layers: list[dict[str, Projection]] = []
         for index in range(arch.num_layers):
             prefix = f"model.layers.{index}."
             self.layers.append(
                 {
                     "input_norm": take(prefix + "input_layernorm.weight"),
-                    "qkv": torch.cat(
-                        [take(prefix + f"self_attn.{p}_proj.weight") for p in ("q", "k", "v")]
+                    "qkv": project(
+                        torch.cat([take(prefix + f"self_attn.{p}_proj.weight") for p in ("q", "k", "v")])
                     ),
-                    "o": take(prefix + "self_attn.o_proj.weight"),
+                    "o": project(take(prefix + "self_attn.o_proj.weight")),
                     "post_norm": take(prefix + "post_attention_layernorm.weight"),
-                    "gate_up": torch.cat(
-                        [take(prefix + f"mlp.{p}_proj.weight") for p in ("gate", "up")]
+                    "gate_up": project(
+                        torch.cat([take(prefix + f"mlp.{p}_proj.weight") for p in ("gate", "up")])
                     ),
-                    "down": take(prefix + "mlp.down_proj.weight"),
+                    "down": project(take(prefix + "mlp.down_proj.weight")),
                 }
             )
         positions = torch.arange(max_positions, dtype=torch.float32)
@@ -101,6 +116,17 @@ class LlamaModel:
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; bit-identical to HF's float32 formula (checked), and half the cost.
         return F.rms_norm(x, (x.shape[-1],), weight, self.arch.rms_norm_eps)
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: Projection, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T (+ residual). x: [T, in]."""
+        if isinstance(weight, PackedLinear):
+            y = weight(x).to(x.dtype)
+            return y if residual is None else residual + y
+        if residual is None:
+            return F.linear(x, weight)
+        # addmm fuses the residual add into the GEMM's output write.
+        return torch.addmm(residual, x, weight.t())
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D]; cos/sin: [T, 1, D]."""
@@ -132,7 +158,7 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = self._rms_norm(hidden, layer["input_norm"])
-            qkv = F.linear(x, layer["qkv"])
+            qkv = self._linear(x, layer["qkv"])
             # Rotate queries and keys in one go: [T, num_heads + num_kv_heads, D].
             qk = self._rope(qkv[:, : q_size + kv_size].view(-1, num_heads + num_kv_heads, head_dim), cos, sin)
             q, k = qk[:, :num_heads], qk[:, num_heads:]
@@ -142,13 +168,12 @@ class LlamaModel:
             if layer_callback is not None:
                 layer_callback(index, k, v)
             attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype)
-            # addmm fuses the residual add into the GEMM's output write.
-            hidden = torch.addmm(residual, attended.reshape(-1, q_size), layer["o"].t())
+            hidden = self._linear(attended.reshape(-1, q_size), layer["o"], residual)
 
             residual = hidden
             x = self._rms_norm(hidden, layer["post_norm"])
-            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            hidden = torch.addmm(residual, F.silu(gate) * up, layer["down"].t())
+            gate, up = self._linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            hidden = self._linear(F.silu(gate) * up, layer["down"], residual)
 
         last = self._rms_norm(hidden[logits_indices], self.final_norm)
-        return F.linear(last, self.lm_head).float()
+        return self._linear(last, self.lm_head).float()
