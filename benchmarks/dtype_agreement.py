@@ -52,11 +52,11 @@ def main() -> int:
         llm.close()
 
     rows = []
-    for number, (reference, candidate) in enumerate(zip(results["float32/dense"], results[candidate], strict=True)):
+    for number, (reference, tokens) in enumerate(zip(results["float32/dense"], results[candidate], strict=True)):
         first_difference = next(
-            (i for i, (a, b) in enumerate(zip(reference, candidate, strict=True)) if a != b), None
+            (i for i, (a, b) in enumerate(zip(reference, tokens, strict=True)) if a != b), None
         )
-        agree = sum(a == b for a, b in zip(reference, candidate, strict=True)) / len(reference)
+        agree = sum(a == b for a, b in zip(reference, tokens, strict=True)) / len(reference)
         rows.append({"prompt": number, "first_difference": first_difference, "positional_agreement": agree})
         shown = "none" if first_difference is None else str(first_difference)
         print(f"prompt {number:2d}: first difference at {shown:>4}, positional agreement {agree:.0%}")

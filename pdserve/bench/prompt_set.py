@@ -22,7 +22,7 @@ def long_prompt(min_words: int = 1300) -> str:
     colors = ["red", "green", "blue", "yellow", "purple", "orange", "silver"]
     animals = ["fox", "heron", "badger", "otter", "lynx", "sparrow", "tortoise", "salmon"]
     places = ["river", "meadow", "forest", "harbour", "valley", "orchard"]
-    sentences = []
+    sentences: list[str] = []
     index = 0
     while sum(len(s.split()) for s in sentences) < min_words:
         sentences.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,18 @@ def rope_inverse_frequencies(arch: LlamaArchitecture) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
 
+@dataclass
+class DecoderLayer:
+    """One decoder layer's weights; Q/K/V and gate/up are fused along the output dim."""
+
+    input_norm: torch.Tensor
+    qkv: Projection
+    o: Projection
+    post_norm: torch.Tensor
+    gate_up: Projection
+    down: Projection
+
+
 class LlamaModel:
     """Weights plus a functional forward pass; holds no per-request state."""
 
@@ -89,22 +102,22 @@ class LlamaModel:
             self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
         )
         self.final_norm = take("model.norm.weight")
-        self.layers: list[dict[str, Projection]] = []
+        self.layers: list[DecoderLayer] = []
         for index in range(arch.num_layers):
             prefix = f"model.layers.{index}."
             self.layers.append(
-                {
-                    "input_norm": take(prefix + "input_layernorm.weight"),
-                    "qkv": project(
+                DecoderLayer(
+                    input_norm=take(prefix + "input_layernorm.weight"),
+                    qkv=project(
                         torch.cat([take(prefix + f"self_attn.{p}_proj.weight") for p in ("q", "k", "v")])
                     ),
-                    "o": project(take(prefix + "self_attn.o_proj.weight")),
-                    "post_norm": take(prefix + "post_attention_layernorm.weight"),
-                    "gate_up": project(
+                    o=project(take(prefix + "self_attn.o_proj.weight")),
+                    post_norm=take(prefix + "post_attention_layernorm.weight"),
+                    gate_up=project(
                         torch.cat([take(prefix + f"mlp.{p}_proj.weight") for p in ("gate", "up")])
                     ),
-                    "down": project(take(prefix + "mlp.down_proj.weight")),
-                }
+                    down=project(take(prefix + "mlp.down_proj.weight")),
+                )
             )
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = positions[:, None] * rope_inverse_frequencies(arch)[None, :]
@@ -157,8 +170,8 @@ class LlamaModel:
         hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         for index, layer in enumerate(self.layers):
             residual = hidden
-            x = self._rms_norm(hidden, layer["input_norm"])
-            qkv = self._linear(x, layer["qkv"])
+            x = self._rms_norm(hidden, layer.input_norm)
+            qkv = self._linear(x, layer.qkv)
             # Rotate queries and keys in one go: [T, num_heads + num_kv_heads, D].
             qk = self._rope(qkv[:, : q_size + kv_size].view(-1, num_heads + num_kv_heads, head_dim), cos, sin)
             q, k = qk[:, :num_heads], qk[:, num_heads:]
@@ -168,12 +181,12 @@ class LlamaModel:
             if layer_callback is not None:
                 layer_callback(index, k, v)
             attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype)
-            hidden = self._linear(attended.reshape(-1, q_size), layer["o"], residual)
+            hidden = self._linear(attended.reshape(-1, q_size), layer.o, residual)
 
             residual = hidden
-            x = self._rms_norm(hidden, layer["post_norm"])
-            gate, up = self._linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            hidden = self._linear(F.silu(gate) * up, layer["down"], residual)
+            x = self._rms_norm(hidden, layer.post_norm)
+            gate, up = self._linear(x, layer.gate_up).chunk(2, dim=-1)
+            hidden = self._linear(F.silu(gate) * up, layer.down, residual)
 
         last = self._rms_norm(hidden[logits_indices], self.final_norm)
         return self._linear(last, self.lm_head).float()
