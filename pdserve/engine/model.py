@@ -98,8 +98,11 @@ class LlamaModel:
 
         self.weight_format = weight_format
         self.embed_tokens = take("model.embed_tokens.weight")
-        self.lm_head = project(
-            self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
+        # The dense LM head is kept even with quantized weights (free when tied to the
+        # embedding): dequantizing 49152x576 on the fly costs ~100 ms, more than a whole step.
+        self.lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
+        self.lm_head_packed = (
+            None if weight_format == "dense" else PackedLinear(self.lm_head, weight_format)
         )
         self.final_norm = take("model.norm.weight")
         self.layers: list[DecoderLayer] = []
@@ -189,4 +192,7 @@ class LlamaModel:
             hidden = self._linear(F.silu(gate) * up, layer.down, residual)
 
         last = self._rms_norm(hidden[logits_indices], self.final_norm)
-        return self._linear(last, self.lm_head).float()
+        packed = self.lm_head_packed
+        if packed is not None and last.shape[0] <= DEFAULT_DENSE_ABOVE[self.weight_format]:
+            return packed(last)
+        return F.linear(last, self.lm_head).float()
