@@ -62,7 +62,7 @@ def test_percentile_interpolates_like_numpy() -> None:
 
 
 def test_plan_round_trips_through_json() -> None:
-    plan = BenchPlan.create("model.gguf", "float32", "cpu", 2, quick=False)
+    plan = BenchPlan.create("model.gguf", "float32", "dense", "cpu", 2, quick=False)
     assert BenchPlan.from_json(plan.to_json()) == plan
     assert plan.batch_sizes == (1, 8, 32, 64) and plan.prefill_lengths == (512, 2048)
     assert plan.hf_bf16_prefill_lengths == (2048,)
@@ -70,7 +70,7 @@ def test_plan_round_trips_through_json() -> None:
 
 def test_table_renders_without_hf() -> None:
     """The table needs only the report: it renders from a saved JSON as well as from a run."""
-    plan = BenchPlan.create("model.gguf", "float32", "cpu", 2, quick=True)
+    plan = BenchPlan.create("model.gguf", "float32", "dense", "cpu", 2, quick=True)
     decode = {"batch_size": 1, "tokens_per_second": 50.0, "median_step_seconds": 0.02, "p90_step_seconds": 0.03}
     report: dict[str, Any] = {
         "plan": plan.__dict__,
@@ -93,3 +93,18 @@ def test_table_renders_without_hf() -> None:
     assert len({len(line) for line in lines if line.startswith("|")}) == 1  # aligned columns
     assert "WARNING: other processes used 50% of the CPU at the start, 25% during pdserve" in lines[-1]
     assert any("decode batch 1, context 512" in line and "50.0 tok/s" in line for line in lines)
+
+
+def test_decode_floor_counts_what_the_quantized_kernels_read() -> None:
+    import torch
+
+    from pdserve.bench.engine import _packed_kernel_bytes
+    from pdserve.engine.quantization import PackedLinear
+
+    weight = torch.randn(64, 128)
+    int8 = PackedLinear(weight, "int8")
+    assert _packed_kernel_bytes(int8) == 64 * 128 + 2 * 64 == int8.nbytes
+    int4 = PackedLinear(weight, "int4", group_size=32, dense_above=8)
+    # Half a byte per weight plus a bf16 scale and zero per group; the dense-fallback copy is
+    # held (nbytes) but not read by the decode kernel.
+    assert _packed_kernel_bytes(int4) == 64 * 128 // 2 + 4 * 64 * (128 // 32) < int4.nbytes

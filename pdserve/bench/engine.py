@@ -37,6 +37,8 @@ import torch
 if TYPE_CHECKING:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.model import LlamaModel
+    from pdserve.engine.quantization import PackedLinear
 
 DECODE_BATCH1_TARGET = 80.0
 """tokens/s."""
@@ -56,6 +58,8 @@ class BenchPlan:
     """The resolved GGUF file or Hugging Face directory, so both sides load the same weights."""
     dtype: str
     """Our engine's dtype (``--dtype``). HF runs float32 throughout, plus bfloat16 prefill."""
+    weight_format: str
+    """Our engine's projection weights (``--weight-format``): dense, int8 or int4."""
     device: str
     num_threads: int
     quick: bool
@@ -74,17 +78,17 @@ class BenchPlan:
 
     @classmethod
     def create(
-        cls, model_path: str, dtype: str, device: str, num_threads: int, quick: bool
+        cls, model_path: str, dtype: str, weight_format: str, device: str, num_threads: int, quick: bool
     ) -> BenchPlan:
         if quick:
             return cls(
-                model_path, dtype, device, num_threads, quick,
+                model_path, dtype, weight_format, device, num_threads, quick,
                 prefill_lengths=(512,), num_prefill_repeats=2, batch_sizes=(1, 8),
                 context_length=512, num_warmup_steps=2, num_decode_steps=8,
                 hf_bf16_prefill_lengths=(512,), num_hf_bf16_repeats=1,
             )  # fmt: skip
         return cls(
-            model_path, dtype, device, num_threads, quick,
+            model_path, dtype, weight_format, device, num_threads, quick,
             prefill_lengths=(512, 2048), num_prefill_repeats=3, batch_sizes=(1, 8, 32, 64),
             context_length=512, num_warmup_steps=3, num_decode_steps=20,
             hf_bf16_prefill_lengths=(2048,), num_hf_bf16_repeats=2,
@@ -230,7 +234,7 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
     load_seconds = time.perf_counter() - started
     weight_dtype = str(engine.model.dtype).removeprefix("torch.")
     weight_numel = checkpoint.num_parameters  # the tied embedding once: it is also the LM head
-    weight_bytes = weight_numel * engine.model.dtype.itemsize
+    weight_bytes = decode_weight_bytes(engine.model)
     del checkpoint
     gc.collect()
     load_peak, rss_after_load = peak_rss(), current_rss()
@@ -251,7 +255,9 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
         "model_name": model_name,
         "dtype": plan.dtype,
         "weight_dtype": weight_dtype,
+        "weight_format": plan.weight_format,
         "weight_numel": weight_numel,
+        # What one batch-1 decode step reads: every projection (the LM head included) and norm.
         "weight_bytes": weight_bytes,
         "num_threads": torch.get_num_threads(),
         "load_seconds": load_seconds,
@@ -268,6 +274,38 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
     }
 
 
+def decode_weight_bytes(model: LlamaModel) -> int:
+    """Bytes of weights one decode step reads: all projections and norms, the LM head once
+    (with tied embeddings it is the embedding matrix; the lookup itself reads only a few rows)."""
+    from pdserve.engine.quantization import PackedLinear
+
+    def read_bytes(weight: object) -> int:
+        if isinstance(weight, torch.Tensor):
+            return weight.numel() * weight.element_size()
+        if isinstance(weight, PackedLinear):
+            return _packed_kernel_bytes(weight)
+        return 0
+
+    # Quantized formats keep a packed LM head for small batches beside the dense one.
+    lm_head = getattr(model, "lm_head_packed", None) or model.lm_head
+    total = read_bytes(lm_head) + read_bytes(model.final_norm)
+    for layer in model.layers:
+        total += sum(read_bytes(weight) for weight in vars(layer).values())
+    return total
+
+
+def _packed_kernel_bytes(layer: PackedLinear) -> int:
+    """What the decode kernel reads of a packed layer, leaving out its dense-fallback copy:
+    int8 = 1 byte per weight + a bf16 scale per row; int4 = half a byte per weight + a bf16
+    scale and zero per group of ``group_size`` inputs."""
+    num_weights = layer.out_features * layer.in_features
+    if layer.weight_format == "int8":
+        return num_weights + 2 * layer.out_features
+    if layer.weight_format == "int4":
+        return num_weights // 2 + 4 * (num_weights // layer.group_size)
+    return int(layer.nbytes)
+
+
 def _engine_config(plan: BenchPlan) -> EngineConfig:
     """A step budget that takes the longest prompt whole, and a KV pool that fits the plan."""
     from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -278,7 +316,8 @@ def _engine_config(plan: BenchPlan) -> EngineConfig:
     prefill_blocks = -(-(max(plan.prefill_lengths) + 1) // block_size)
     return EngineConfig(
         model=ModelConfig(
-            path=plan.model_path, dtype=plan.dtype, device=plan.device, num_threads=plan.num_threads
+            path=plan.model_path, dtype=plan.dtype, weight_format=plan.weight_format,
+            device=plan.device, num_threads=plan.num_threads,
         ),
         cache=CacheConfig(
             num_blocks=max(max_batch * decode_blocks, prefill_blocks) + 1,
@@ -403,7 +442,10 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
         )
     num_threads = args.threads or _num_cores()
     model_path = resolve_model_path(args.model)
-    plan = BenchPlan.create(str(model_path), args.dtype, args.device, num_threads, args.quick)
+    weight_format = getattr(args, "weight_format", "dense")
+    plan = BenchPlan.create(
+        str(model_path), args.dtype, weight_format, args.device, num_threads, args.quick
+    )
     torch.set_num_threads(num_threads)
     machine = machine_info(num_threads)
     if _is_busy(machine):
@@ -677,6 +719,8 @@ def format_table(report: dict[str, Any]) -> str:
     hf_decode = hf["decode"] if hf else []
     missing = "-" if hf else "skipped"
     ours_dtype = ours["weight_dtype"] + (f" ({ours['dtype']})" if ours["dtype"] != ours["weight_dtype"] else "")
+    if ours.get("weight_format", "dense") != "dense":
+        ours_dtype += f", {ours['weight_format']} weights"
     header = ["", f"pdserve {ours_dtype}", "HF sdpa float32", "HF sdpa bfloat16", "pdserve / HF", "target"]
     rows: list[list[str]] = []
 
