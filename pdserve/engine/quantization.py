@@ -30,8 +30,9 @@ Large batches (prefill) run faster as fp32 ``F.linear``. With ``dense_above`` se
 layer dequantizes its weight to fp32 for any call with more rows than that, instead of keeping
 an fp32 copy: the copy would cost 4 bytes per weight (+425 MB for SmolLM2-135M's layers, more
 than the dense model), the dequantization costs ~1.2 ms (int8) / ~3.6 ms (int4) per layer per
-call on one thread, which is 2-7% of a 512-token prefill; int4 keeps its integers a second time
-in a plain nibble layout for this (+0.5 byte per weight). Callers who prefer the copy can hold a
+call on one thread: 2-7% of a 512-token prefill by the dequantize table, 9-11% in the stack
+timing below. int4 keeps its integers a second time in a plain nibble layout for this (+0.5 byte
+per weight). Callers who prefer the copy can hold a
 "dense" and a quantized PackedLinear and choose by batch size.
 
 Measured with ``benchmarks/linear_kernels.py`` (torch 2.13.0+cpu, AVX2, 2 cores shared with
@@ -72,7 +73,7 @@ median us per call, speed-up over dense fp32 in parentheses::
     down 576x1536             213       713
     lm_head 49152x576       97985    129701
 
-    30 layers x (qkv, o, gate_up, down), ms per step; hybrids run dense above 24 (int8), 32 (int4) rows
+    30 layers x (qkv, o, gate_up, down), ms per step; hybrids: dense above 24 / 32 rows
         T     dense         int8          int4          int8 hybrid   int4 hybrid
        MB       425          106            66                  106           119
         1      41.4   31.9 (1.30x)  23.5 (1.76x)              -             -
@@ -82,7 +83,16 @@ median us per call, speed-up over dense fp32 in parentheses::
        64     238.5  432.5 (0.55x) 510.9 (0.47x)  295.3 (0.81x)  352.1 (0.68x)
       512    1455.3 3364.6 (0.43x) 3451.1 (0.42x) 1604.7 (0.91x) 1637.7 (0.89x)
 
-TWO_THREADS_PLACEHOLDER
+Two threads could not be timed cleanly: other jobs kept the load average at 2-4 throughout,
+and a call stalls for a 4-16 ms scheduler slice whenever one of its two threads loses its core
+(the quantized kernels, with many short parallel regions, suffer most: prefer one thread per
+process on a shared machine). The cells no stall hit, median us::
+
+    threads=2          T=1: dense   int8         int4         T=8: dense   int8         int4
+    gate_up 3072x576         560   271 (2.06x)  179 (3.12x)       1284   769 (1.67x)  665 (1.93x)
+    qkv 960x576              202   105 (1.93x)   71 (2.83x)        365   239 (1.53x)  223 (1.63x)
+    o 576x576                151   100 (1.51x)   75 (2.02x)        232   160 (1.45x)  135 (1.72x)
+    down 576x1536            276   136 (2.03x)  118 (2.33x)        586   358 (1.63x)  342 (1.71x)
 """
 
 from __future__ import annotations
@@ -100,7 +110,7 @@ _INT8_MAX = 127
 _INT4_LEVELS = 15
 # torch's int4 kernels read a nibble q in 0..15 as the value q - 8: w = (q - 8) * scale + zero.
 _INT4_OFFSET = 8
-# Multiples the kernels need: wider int8 rows read past the end (crash or NaN) unless in % 8 == 0;
+# Multiples the kernels need: with in % 8 != 0 the int8 kernel crashed or returned NaN here;
 # the int4 packer works on blocks of 16 output rows.
 _INT8_IN_MULTIPLE = 8
 _INT4_OUT_MULTIPLE = 16
@@ -166,7 +176,8 @@ class PackedLinear:
             raise ValueError(f"weight_format {weight_format!r} is not one of {WEIGHT_FORMATS}")
         if weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError(
-                f"weight must be a 2-D float tensor [out, in], got {weight.dtype} {tuple(weight.shape)}"
+                f"weight must be a 2-D float tensor [out, in], "
+                f"got {weight.dtype} of shape {tuple(weight.shape)}"
             )
         if dense_above is not None and dense_above < 0:
             raise ValueError(f"dense_above must be >= 0 or None, got {dense_above}")
@@ -267,7 +278,7 @@ class PackedLinear:
         return weight.view(out_features, in_features)
 
     def _unpack_int4_with_kernel(self) -> torch.Tensor:
-        """q [out, in] in 0..15 read back through the kernel itself: slow (an in x in x out GEMM)."""
+        """q [out, in] in 0..15, read back through the kernel: slow (an in x in x out GEMM)."""
         identity = torch.eye(self.in_features, dtype=torch.bfloat16)
         # scale 1, zero 8 turn each nibble into its own value q, exact in bf16.
         unit = torch.tensor([1.0, float(_INT4_OFFSET)], dtype=torch.bfloat16)
