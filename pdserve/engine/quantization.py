@@ -32,8 +32,8 @@ an fp32 copy: the copy would cost 4 bytes per weight (+425 MB for SmolLM2-135M's
 than the dense model), the dequantization costs ~1.2 ms (int8) / ~3.6 ms (int4) per layer per
 call on one thread: 2-7% of a 512-token prefill by the dequantize table, 9-11% in the stack
 timing below. int4 keeps its integers a second time in a plain nibble layout for this (+0.5 byte
-per weight). Callers who prefer the copy can hold a
-"dense" and a quantized PackedLinear and choose by batch size.
+per weight). Callers who prefer the copy can hold a "dense" and a quantized PackedLinear and
+choose by batch size.
 
 Measured with ``benchmarks/linear_kernels.py`` (torch 2.13.0+cpu, AVX2, 2 cores shared with
 other jobs: load average ~2 during the 1-thread run), weights cold as in a real forward pass,
