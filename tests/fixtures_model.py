@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint, load_checkpoint, resolve_model_path
 
 
@@ -159,3 +161,16 @@ def _byte_alphabet_chars() -> list[str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return [chars[b] for b in range(256)]
+
+
+def make_float32_llm(
+    checkpoint: Checkpoint, cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None
+) -> LLM:
+    """An engine in float32 (the reference-exact mode) over an already loaded checkpoint."""
+    config = EngineConfig(
+        model=ModelConfig(dtype="float32"),
+        cache=cache or CacheConfig(),
+        scheduler=scheduler or SchedulerConfig(),
+        show_progress=False,
+    )
+    return LLM(config=config, checkpoint=checkpoint)

@@ -6,6 +6,7 @@ import os
 from dataclasses import replace
 
 import pytest
+from fixtures_model import make_float32_llm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,12 +21,7 @@ SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=1234)
 
 
 def make_llm(checkpoint: Checkpoint, **cache: object) -> LLM:
-    config = EngineConfig(
-        model=ModelConfig(dtype="float32"),
-        cache=CacheConfig(**cache),  # type: ignore[arg-type]
-        show_progress=False,
-    )
-    return LLM(config=config, checkpoint=checkpoint)
+    return make_float32_llm(checkpoint, CacheConfig(**cache))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

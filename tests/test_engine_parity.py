@@ -9,10 +9,11 @@ and the assertion message says where.
 from __future__ import annotations
 
 import pytest
+from fixtures_model import make_float32_llm
 from hf_reference import ReferenceResult, reference_greedy
 
 from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS, long_prompt
-from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.engine.config import CacheConfig, SchedulerConfig
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.outputs import RequestOutput
@@ -23,16 +24,7 @@ GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
 TIE_GAP = 1e-3
 
 
-def make_llm(
-    checkpoint: Checkpoint, cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None
-) -> LLM:
-    config = EngineConfig(
-        model=ModelConfig(dtype="float32"),
-        cache=cache or CacheConfig(),
-        scheduler=scheduler or SchedulerConfig(),
-        show_progress=False,
-    )
-    return LLM(config=config, checkpoint=checkpoint)
+make_llm = make_float32_llm
 
 
 @pytest.fixture(scope="module")
