@@ -80,6 +80,25 @@ def _build_parser() -> argparse.ArgumentParser:
     engine_bench.add_argument("--quick", action="store_true", help="fewer repetitions and batch sizes (a smoke run)")
     engine_bench.add_argument("--skip-hf", action="store_true", help="do not measure HF transformers")
     _add_model_args(engine_bench)
+    transfer_bench = bench_commands.add_parser(
+        "transfer",
+        help="KV connectors beside memcpy and raw sockets; transfer share of prefill; pipelining",
+        description="Measure each KV connector's throughput and latency for 1-256 MB payloads beside "
+        "a raw memcpy and a raw loopback socket; the transfer time left visible after the prefill "
+        "of 512- and 2,048-token prompts, with and without layer-by-layer pipelining; and, with "
+        "--link, pipelining over a veth pair shaped with tc tbf. Prints tables and writes JSON.",
+    )
+    transfer_bench.add_argument("--output", default="benchmarks/results/transfer.json", help="JSON output path")
+    transfer_bench.add_argument("--sizes-mb", default="1,4,16,64,256", help="payload sizes for the bandwidth table")
+    transfer_bench.add_argument("--repeats", type=int, default=5, help="timed repetitions per figure (medians)")
+    transfer_bench.add_argument("--prompt-lengths", default="512,2048", help="prompts for the prefill-share table")
+    transfer_bench.add_argument("--codecs", default="none,int8", help="codecs streamed over tcp in the bandwidth table")
+    transfer_bench.add_argument(
+        "--link", action="store_true",
+        help="also run the shaped-link experiment (veth pair + tc tbf in a network namespace; needs root)",
+    )
+    transfer_bench.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions (a smoke run)")
+    transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
     return parser
 
 
@@ -123,6 +142,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "transfer":
+        from pdserve.bench.transfer import run_transfer_benchmark
+
+        return run_transfer_benchmark(args)
     from pdserve.bench.engine import run_engine_benchmark
 
     return run_engine_benchmark(args)

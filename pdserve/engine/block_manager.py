@@ -184,6 +184,20 @@ class BlockManager:
         self._num_hashed[child_id] = min(self._num_hashed.get(parent_id, 0), num_full)
         return copy
 
+    def retain(self, seq_id: str, holder_id: str) -> None:
+        """Give ``holder_id`` a read-only reference to every block of ``seq_id``.
+
+        Used to keep a finished prefill's KV alive for a transfer after its sequence is freed;
+        nothing writes a held block, so even a partial last block is shared, not copied.
+        """
+        if holder_id in self._tables:
+            raise ValueError(f"{holder_id} already has blocks")
+        table = list(self._tables[seq_id])
+        for block in table:
+            self._take(block)
+        self._tables[holder_id] = table
+        self._num_hashed[holder_id] = self._num_hashed.get(seq_id, 0)
+
     def free(self, seq_id: str) -> None:
         """Release every block of ``seq_id``; cached ones stay reusable until evicted."""
         table = self._tables.pop(seq_id, None)

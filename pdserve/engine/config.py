@@ -6,7 +6,8 @@ objects that compute them, never written back here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -102,3 +103,16 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     show_progress: bool = True
     """Print loading progress and the load report to stderr."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data, e.g. to configure an engine in another process."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        return cls(
+            model=ModelConfig(**data.get("model", {})),
+            cache=CacheConfig(**data.get("cache", {})),
+            scheduler=SchedulerConfig(**data.get("scheduler", {})),
+            show_progress=bool(data.get("show_progress", True)),
+        )

@@ -91,8 +91,80 @@ class KVHandoff:
     def fingerprint(self) -> str:
         return fingerprint(self.compatibility)
 
+    @property
+    def header(self) -> HandoffHeader:
+        return HandoffHeader(
+            request_id=self.request_id,
+            prompt_token_ids=list(self.prompt_token_ids),
+            num_tokens=self.num_tokens,
+            compatibility=dict(self.compatibility),
+            seed=self.seed,
+            first_tokens=list(self.first_tokens),
+            model_name=self.model_name,
+        )
+
     def truncated(self, num_blocks: int) -> KVHandoff:
         """The first ``num_blocks`` complete blocks only (e.g. what arrived of a cut transfer)."""
         block_size = int(self.compatibility["block_size"])
         num_tokens = min(num_blocks * block_size, (len(self.prompt_token_ids) // block_size) * block_size)
         return replace(self, kv=self.kv[:, :, :num_tokens].contiguous(), first_tokens=[])
+
+
+@dataclass
+class HandoffHeader:
+    """A handoff without its KV bytes: what a transfer announces before the data, as JSON."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    num_tokens: int
+    """Prompt positions whose KV follows (complete blocks only, unless it is the whole prompt)."""
+    compatibility: dict[str, Any]
+    seed: int
+    first_tokens: list[SampledToken] = field(default_factory=list)
+    """Empty while the prefill is still running (a pipelined transfer sends them last)."""
+    model_name: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "prompt_token_ids": self.prompt_token_ids,
+            "num_tokens": self.num_tokens,
+            "compatibility": self.compatibility,
+            "seed": self.seed,
+            "first_tokens": [sampled_token_to_json(t) for t in self.first_tokens],
+            "model_name": self.model_name,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HandoffHeader:
+        return cls(
+            request_id=str(data["request_id"]),
+            prompt_token_ids=[int(t) for t in data["prompt_token_ids"]],
+            num_tokens=int(data["num_tokens"]),
+            compatibility=dict(data["compatibility"]),
+            seed=int(data["seed"]),
+            first_tokens=[sampled_token_from_json(t) for t in data.get("first_tokens", [])],
+            model_name=str(data.get("model_name", "")),
+        )
+
+
+@dataclass
+class HeldKV:
+    """A finished prefill whose KV stays in this engine's blocks until released (for a transfer)."""
+
+    header: HandoffHeader
+    block_table: list[int]
+
+
+def sampled_token_to_json(token: SampledToken) -> dict[str, Any]:
+    top = None if token.top_logprobs is None else [list(pair) for pair in token.top_logprobs]
+    return {"token_id": token.token_id, "logprob": token.logprob, "top_logprobs": top}
+
+
+def sampled_token_from_json(data: dict[str, Any]) -> SampledToken:
+    top = data.get("top_logprobs")
+    return SampledToken(
+        token_id=int(data["token_id"]),
+        logprob=None if data.get("logprob") is None else float(data["logprob"]),
+        top_logprobs=None if top is None else tuple((int(i), float(lp)) for i, lp in top),
+    )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -76,6 +77,7 @@ class KVCachePool:
         self.layout = layout
         self.tensor = tensor
         self._shm = shm
+        self._slots_memo: tuple[tuple[tuple[int, ...], int, int] | None, torch.Tensor] = (None, torch.empty(0))
 
     @property
     def shm_name(self) -> str | None:
@@ -86,9 +88,61 @@ class KVCachePool:
         """(keys, values) of one layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.tensor[index, 0], self.tensor[index, 1]
 
+    def read_tokens(
+        self, block_table: list[int], start: int, end: int, layers: slice = slice(None)
+    ) -> torch.Tensor:
+        """KV of positions [start, end) of a block table: [layers, 2, n, kv_heads, D] on the CPU.
+
+        Safe from any thread while the blocks are referenced (so no step can reuse them).
+        """
+        slots = self._slots(block_table, start, end)
+        return self._token_view()[layers].index_select(2, slots).cpu()
+
+    def read_layers(
+        self, block_table: list[int], start: int, end: int, layers: Sequence[int]
+    ) -> Iterator[torch.Tensor]:
+        """One layer at a time, [2, n, kv_heads, D] of positions [start, end) (slots computed
+        once): for streaming a held KV without copying all layers at once."""
+        slots = self._slots(block_table, start, end)
+        view = self._token_view()
+        for layer in layers:
+            yield view[layer].index_select(1, slots).cpu()
+
+    def write_tokens(
+        self, block_table: list[int], kv: torch.Tensor, start: int = 0, layers: slice = slice(None)
+    ) -> None:
+        """Place token-major KV [layers, 2, n, kv_heads, D] at positions [start, start + n).
+
+        Safe from any thread for blocks reserved for a request that is not scheduled yet.
+        """
+        slots = self._slots(block_table, start, start + kv.shape[2])
+        view = self._token_view()[layers]
+        view.index_copy_(2, slots, kv.to(device=view.device, dtype=self.layout.dtype))
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for source, destination in copies:
             self.tensor[:, :, destination].copy_(self.tensor[:, :, source])
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        # A transfer writes every layer of the same positions in turn: compute their slots once.
+        # (The memo is one tuple, read and replaced atomically, so threads cannot mix entries.)
+        key = (tuple(block_table), start, end)
+        memo_key, memo_slots = self._slots_memo
+        if memo_key == key:
+            return memo_slots
+        block_size = self.layout.block_size
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // block_size]
+        slots = (blocks * block_size + positions % block_size).to(self.tensor.device)
+        self._slots_memo = (key, slots)
+        return slots
+
+    def _token_view(self) -> torch.Tensor:
+        """The pool as [layers, 2, num_blocks * block_size, kv_heads, D]: one row per token slot."""
+        layout = self.layout
+        return self.tensor.view(
+            layout.num_layers, 2, layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim
+        )
 
     def close(self) -> None:
         """Free the pool; a shared segment is unlinked, since this process created it."""

@@ -18,7 +18,13 @@ import torch
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.device import resolve_dtype
-from pdserve.engine.handoff import KVHandoff, check_compatible, compatibility_fields
+from pdserve.engine.handoff import (
+    HandoffHeader,
+    HeldKV,
+    KVHandoff,
+    check_compatible,
+    compatibility_fields,
+)
 from pdserve.engine.kv_cache import allocate_pool, plan_layout
 from pdserve.engine.loader import Checkpoint, load_checkpoint
 from pdserve.engine.model import LlamaModel
@@ -42,6 +48,10 @@ class EngineStats:
     num_running: int
     num_waiting: int
     num_preemptions: int
+    num_held_kv: int = 0
+    """Finished prefills whose KV is held for a transfer."""
+    num_reserved_kv: int = 0
+    """Requests whose blocks are reserved for KV still arriving."""
 
 
 class LLMEngine:
@@ -81,6 +91,8 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._sequences: dict[str, tuple[Request, Choice]] = {}
         self._pending_outputs: list[RequestOutput] = []
+        self._held: dict[str, HeldKV] = {}
+        self._reserved: dict[str, Sequence] = {}
 
     # -- public API ------------------------------------------------------------------------
 
@@ -93,12 +105,21 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         prefill_only: bool = False,
+        hold_kv: bool = False,
         kv_hook: KVHook | None = None,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a request; raises ValueError for input the engine cannot serve."""
+        """Queue a request; raises ValueError for input the engine cannot serve.
+
+        ``prefill_only`` requests finish after the prompt and first token(s), carrying a
+        :class:`KVHandoff` (a copy of the KV) or, with ``hold_kv``, a :class:`HeldKV` whose
+        blocks stay allocated until :meth:`release_kv`.
+        """
+        if hold_kv and not prefill_only:
+            raise ValueError("hold_kv applies to prefill_only requests")
         params = params or SamplingParams()
         request = self._new_request(prompt, params, request_id, prefill_only, kv_hook, arrival_time)
+        request.hold_kv = hold_kv
         seq = self._new_sequence(request, 0, priority, cache_salt)
         self.scheduler.add(seq)
         return request.request_id
@@ -119,48 +140,135 @@ class LLMEngine:
         prompt's remainder is prefilled here. Raises IncompatibleHandoffError when the handoff
         comes from another model or layout, MemoryError when its blocks do not fit now.
         """
-        check_compatible(self.compatibility, handoff.compatibility)
+        request_id = request_id or handoff.request_id
+        block_table = self.reserve_kv(
+            handoff.header, params, request_id, priority=priority, cache_salt=cache_salt
+        )
+        self.runner.write_kv(block_table, handoff.kv)
+        self.commit_kv(request_id)
+        return request_id
+
+    def reserve_kv(
+        self,
+        header: HandoffHeader,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> list[int]:
+        """First half of an import: check the header and reserve blocks for its KV.
+
+        Returns the block table to write ``header.num_tokens`` positions into (with
+        :meth:`ModelRunner.write_kv`, from any thread: nothing schedules these blocks until
+        :meth:`commit_kv`). :meth:`abort` releases a reservation.
+        """
+        check_compatible(self.compatibility, header.compatibility)
         params = params or SamplingParams()
-        if handoff.first_tokens and len(handoff.first_tokens) != params.n:
+        if header.first_tokens and len(header.first_tokens) != params.n:
             raise ValueError(
-                f"handoff carries first tokens for {len(handoff.first_tokens)} choices, request asks n={params.n}"
+                f"handoff carries first tokens for {len(header.first_tokens)} choices, request asks n={params.n}"
+            )
+        if header.num_tokens > len(header.prompt_token_ids):
+            raise ValueError(
+                f"handoff carries KV for {header.num_tokens} positions of a {len(header.prompt_token_ids)}-token prompt"
             )
         request = self._new_request(
-            list(handoff.prompt_token_ids), params, request_id or handoff.request_id, False, None, None,
-            seed=handoff.seed,
+            list(header.prompt_token_ids), params, request_id or header.request_id, False, None, None,
+            seed=header.seed,
         )
+        request.first_tokens = list(header.first_tokens)
         seq = self._new_sequence(request, 0, priority, cache_salt)
-        num_tokens = handoff.num_tokens
-        if not self.block_manager.allocate(seq.seq_id, num_tokens):
+        if not self.block_manager.allocate(seq.seq_id, header.num_tokens):
             self._forget(request)
-            raise MemoryError(f"no room for {num_tokens} tokens of imported KV")
-        self.runner.write_kv(self.block_manager.block_table(seq.seq_id), handoff.kv)
-        seq.num_computed_tokens = seq.num_cached_tokens = num_tokens
+            raise MemoryError(f"no room for {header.num_tokens} tokens of imported KV")
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        seq.num_computed_tokens = seq.num_cached_tokens = header.num_tokens
+        self._reserved[request.request_id] = seq
+        return list(self.block_manager.block_table(seq.seq_id))
+
+    def commit_kv(self, request_id: str, first_tokens: list[SampledToken] | None = None) -> None:
+        """Second half of an import: the reserved blocks now hold the KV; schedule the request.
+
+        ``first_tokens`` are needed here when the header did not carry them (a pipelined
+        transfer learns them last). Without them, or with a partial KV, the full blocks go to
+        the prefix cache and the rest of the prompt is prefilled here.
+        """
+        seq = self._reserved.pop(request_id)
+        request, _ = self._sequences[seq.seq_id]
+        if first_tokens:
+            if len(first_tokens) != request.params.n:
+                raise ValueError(f"{len(first_tokens)} first tokens for n={request.params.n}")
+            request.first_tokens = list(first_tokens)
+        num_tokens = seq.num_computed_tokens
         self.block_manager.register_full_blocks(seq.seq_id, seq.block_hashes(), num_tokens)
         self.block_manager.record_query(seq.num_prompt_tokens, num_tokens)
-        if handoff.is_complete:
+        if num_tokens == seq.num_prompt_tokens and request.first_tokens:
             self.scheduler.add_running(seq)
             request.metrics.first_scheduled_time = time.monotonic()
-            self._accept_first_tokens(request, handoff.first_tokens)
+            tokens, request.first_tokens = request.first_tokens, []
+            self._accept_first_tokens(request, tokens)
+            # Report the first token now (it may also be the last: max_tokens=1, EOS, a stop).
+            self._pending_outputs.append(request.output())
+            if request.finished:
+                request.metrics.finished_time = time.monotonic()
+                self._forget(request)
         else:
             # The full blocks stay in the prefix cache; admission finds them and prefills the rest.
+            request.first_tokens = []
             self.block_manager.free(seq.seq_id)
             seq.num_computed_tokens = 0
             self.scheduler.add(seq)
-        return request.request_id
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its blocks; False if it is unknown or already done."""
+    def handoff_header(self, request_id: str) -> HandoffHeader:
+        """What a transfer can announce about an in-flight request before its prefill ends."""
+        request = self._requests[request_id]
+        return HandoffHeader(
+            request_id=request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            num_tokens=len(request.prompt_token_ids),
+            compatibility=dict(self.compatibility),
+            seed=request.seed,
+            model_name=self.model_name,
+        )
+
+    def held_kv(self, request_id: str) -> HeldKV | None:
+        """The KV a finished ``hold_kv`` prefill keeps, until :meth:`release_kv`."""
+        return self._held.get(request_id)
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the blocks a ``hold_kv`` prefill kept; False if nothing is held under that id."""
+        if self._held.pop(request_id, None) is None:
+            return False
+        self.block_manager.free(_holder_id(request_id))
+        return True
+
+    def abort(self, request_id: str, *, report: bool = True) -> bool:
+        """Stop a request now and free its blocks (a reservation too); False if unknown or done.
+
+        ``report=False`` frees silently (no "abort" output), e.g. to cancel a reservation whose
+        transfer failed before the request is retried another way.
+        """
         request = self._requests.get(request_id)
         if request is None:
             return False
+        self._reserved.pop(request_id, None)
         for choice in request.choices:
             if not choice.sequence.is_finished:
                 self.scheduler.finish(choice.sequence, SequenceStatus.FINISHED_ABORTED)
         request.aborted = True
-        self._pending_outputs.append(request.output())
+        if report:
+            self._pending_outputs.append(request.output())
         self._forget(request)
         return True
+
+    def request_ids(self) -> list[str]:
+        """Requests still in flight (queued, running or with reserved KV)."""
+        return list(self._requests)
+
+    def has_work(self) -> bool:
+        """Whether :meth:`step` would do anything (reserved KV waits without stepping)."""
+        return bool(self._pending_outputs) or self.scheduler.num_unfinished > 0
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending_outputs)
@@ -220,10 +328,14 @@ class LLMEngine:
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
+            num_held_kv=len(self._held),
+            num_reserved_kv=len(self._reserved),
         )
 
     def close(self) -> None:
         """Release the KV pool (and unlink its shared-memory segment, if any)."""
+        for request_id in list(self._held):
+            self.release_kv(request_id)
         self.runner.close()
         self.kv_pool.close()
 
@@ -337,16 +449,30 @@ class LLMEngine:
         request.metrics.first_token_time = time.monotonic()
         parent = request.choices[0].sequence
         if request.prefill_only:
-            kv = self.runner.read_kv(self.block_manager.block_table(parent.seq_id), parent.num_prompt_tokens)
-            request.handoff = KVHandoff(
+            table = self.block_manager.block_table(parent.seq_id)
+            header = HandoffHeader(
                 request_id=request.request_id,
                 prompt_token_ids=list(request.prompt_token_ids),
-                kv=kv,
+                num_tokens=parent.num_prompt_tokens,
                 compatibility=dict(self.compatibility),
                 seed=request.seed,
                 first_tokens=list(tokens),
                 model_name=self.model_name,
             )
+            if request.hold_kv:
+                self.block_manager.retain(parent.seq_id, _holder_id(request.request_id))
+                request.held_kv = self._held[request.request_id] = HeldKV(header, list(table))
+            else:
+                kv = self.runner.read_kv(table, parent.num_prompt_tokens)
+                request.handoff = KVHandoff(
+                    request_id=header.request_id,
+                    prompt_token_ids=header.prompt_token_ids,
+                    kv=kv,
+                    compatibility=header.compatibility,
+                    seed=header.seed,
+                    first_tokens=header.first_tokens,
+                    model_name=header.model_name,
+                )
             self.scheduler.finish(parent, SequenceStatus.FINISHED_PREFILLED)
             return
         # Fork the other choices off the prompt's blocks before any choice may finish.
@@ -370,3 +496,8 @@ class LLMEngine:
         if status is not None:
             choice.detokenizer.flush()  # emit a held-back partial character, if any
             self.scheduler.finish(choice.sequence, status)
+
+
+def _holder_id(request_id: str) -> str:
+    """The block-manager table that keeps a finished prefill's KV alive for a transfer."""
+    return f"{request_id}#held"

@@ -72,24 +72,17 @@ class ModelRunner:
         )
         return StepLogits(sampled_ids, logits)
 
-    def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
-        """KV of positions [0, num_tokens) as [num_layers, 2, num_tokens, kv_heads, D], on CPU."""
-        slots = torch.tensor([self._slot(block_table, p) for p in range(num_tokens)], device=self.device)
-        layout = self.pool.layout
-        flat = self.pool.tensor.view(
-            layout.num_layers, 2, layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim
-        )
-        return flat.index_select(2, slots).cpu()
+    def read_kv(
+        self, block_table: list[int], num_tokens: int, *, start: int = 0, layers: slice = slice(None)
+    ) -> torch.Tensor:
+        """KV of positions [start, num_tokens) as [layers, 2, n, kv_heads, D], on CPU."""
+        return self.pool.read_tokens(block_table, start, num_tokens, layers)
 
-    def write_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
-        """Place token-major KV [num_layers, 2, n, kv_heads, D] at positions [0, n) of a table."""
-        num_tokens = kv.shape[2]
-        slots = torch.tensor([self._slot(block_table, p) for p in range(num_tokens)], device=self.device)
-        layout = self.pool.layout
-        flat = self.pool.tensor.view(
-            layout.num_layers, 2, layout.num_blocks * layout.block_size, layout.num_kv_heads, layout.head_dim
-        )
-        flat.index_copy_(2, slots, kv.to(device=self.device, dtype=layout.dtype))
+    def write_kv(
+        self, block_table: list[int], kv: torch.Tensor, *, start: int = 0, layers: slice = slice(None)
+    ) -> None:
+        """Place token-major KV [layers, 2, n, kv_heads, D] at positions [start, start + n)."""
+        self.pool.write_tokens(block_table, kv, start, layers)
 
     def close(self) -> None:
         """Drop this runner's views of the pool so the pool's memory can be released."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.handoff import KVHandoff
+from pdserve.engine.handoff import HeldKV, KVHandoff
 from pdserve.engine.sampler import SampledToken
 
 
@@ -47,4 +47,6 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     handoff: KVHandoff | None = None
     """For prefill-only requests, the exported KV once the prefill finished."""
+    held_kv: HeldKV | None = None
+    """For prefill-only requests with ``hold_kv``: the blocks holding the KV until released."""
     error: str | None = field(default=None)

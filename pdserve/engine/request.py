@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.engine.handoff import KVHandoff
+from pdserve.engine.handoff import HeldKV, KVHandoff
 from pdserve.engine.model_runner import KVHook
 from pdserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pdserve.engine.sampler import SampledToken
@@ -36,6 +36,9 @@ class Request:
     kv_hook: KVHook | None = None
     choices: list[Choice] = field(default_factory=list)
     handoff: KVHandoff | None = None
+    hold_kv: bool = False
+    """Prefill-only: keep the KV in this engine's blocks (``held_kv``) instead of copying it out."""
+    held_kv: HeldKV | None = None
     first_tokens: list[SampledToken] = field(default_factory=list)
     aborted: bool = False
 
@@ -113,6 +116,7 @@ class Request:
             num_cached_tokens=first.num_cached_tokens if first else 0,
             metrics=self.metrics,
             handoff=self.handoff,
+            held_kv=self.held_kv,
         )
 
 

@@ -1,0 +1,102 @@
+"""An :class:`LLMEngine` on a thread of its own, driven by calls from other threads.
+
+The engine is not thread-safe, so everything that touches it — adding and aborting requests,
+reserving and committing imported KV, releasing held KV — runs on the loop's thread, between
+steps, through :meth:`EngineLoop.call`. The only work done off that thread is copying KV bytes
+into reserved blocks or out of held ones, which no step touches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, on_output: Callable[[RequestOutput], None]) -> None:
+        self.engine = engine
+        self._on_output = on_output
+        self._calls: deque[tuple[Callable[[LLMEngine], object], Future[object]]] = deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
+        """Run ``fn(engine)`` on the loop thread before the next step; its result or exception
+        lands in the returned future."""
+        future: Future[T] = Future()
+        with self._wake:
+            if self._stopping:
+                future.set_exception(RuntimeError("the engine loop is stopped"))
+                return future
+            self._calls.append((fn, future))  # type: ignore[arg-type]
+            self._wake.notify()
+        return future
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the loop thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wake:
+                while not self._stopping and not self._calls and not engine.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(engine))
+                    except BaseException as error:  # the caller gets it; the loop goes on
+                        future.set_exception(error)
+            if engine.has_work():
+                try:
+                    outputs = engine.step()
+                except Exception:
+                    log.exception("engine step failed; aborting every request in flight")
+                    outputs = self._abort_all()
+                for output in outputs:
+                    self._deliver(output)
+        self._fail_pending_calls()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        try:
+            self._on_output(output)
+        except Exception:
+            log.exception("output callback failed for %s", output.request_id)
+
+    def _abort_all(self) -> list[RequestOutput]:
+        engine = self.engine
+        for request_id in list(engine.request_ids()):
+            engine.abort(request_id)
+        return engine.step()
+
+    def _fail_pending_calls(self) -> None:
+        with self._wake:
+            calls = list(self._calls)
+            self._calls.clear()
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the engine loop stopped"))

@@ -1,0 +1,430 @@
+"""An engine in a process of its own, with a ZeroMQ control channel and a KV connector.
+
+``python -m pdserve.runtime.engine_process --config JSON`` loads the model, starts the KV
+server, warms up with one tiny request, binds a ROUTER socket on loopback and prints one line,
+``PDSERVE_ENGINE_READY {"control": ..., "kv_address": ..., "pid": ...}``, to stdout. Clients
+(:class:`pdserve.runtime.engine_client.EngineProcess`) then send the ops described in
+:mod:`pdserve.runtime.protocol`. The process exits on the ``shutdown`` op, on SIGTERM/SIGINT,
+and when its parent dies (Linux parent-death signal), releasing its KV and shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psutil
+import torch
+import zmq
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.handoff import HandoffHeader, sampled_token_to_json
+from pdserve.engine.kv_cache import KVLayout
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampler import SampledToken
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.runtime.engine_loop import EngineLoop
+from pdserve.runtime.protocol import output_to_json, params_from_json
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import KVConnector, PullTarget, connector_class
+from pdserve.transfer.errors import TransferError
+
+log = logging.getLogger("pdserve.engine_process")
+READY_PREFIX = "PDSERVE_ENGINE_READY "
+
+
+@dataclass(frozen=True)
+class EngineProcessConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    control_host: str = "127.0.0.1"
+
+    def to_json(self) -> str:
+        return json.dumps({"engine": self.engine.to_dict(), "transfer": asdict(self.transfer), "control_host": self.control_host})
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineProcessConfig:
+        data = json.loads(text)
+        return cls(
+            engine=EngineConfig.from_dict(data["engine"]),
+            transfer=TransferConfig(**data["transfer"]),
+            control_host=data.get("control_host", "127.0.0.1"),
+        )
+
+
+class EngineKVSource:
+    """The engine's pool as the KV server reads it (held blocks only, from any thread)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self._engine = engine
+
+    @property
+    def layout(self) -> KVLayout:
+        return self._engine.kv_pool.layout
+
+    @property
+    def shm_name(self) -> str | None:
+        return self._engine.kv_pool.shm_name
+
+    def read_layers(
+        self, block_table: list[int], start: int, end: int, layers: Sequence[int]
+    ) -> Iterator[torch.Tensor]:
+        return self._engine.kv_pool.read_layers(block_table, start, end, layers)
+
+
+@dataclass
+class _Pull:
+    target: PullTarget
+    done: threading.Event
+
+
+class EngineService:
+    """Owns the engine loop and the connector; turns control ops into engine calls."""
+
+    def __init__(self, engine: LLMEngine, transfer: TransferConfig) -> None:
+        self.engine = engine
+        self.events: queue.SimpleQueue[tuple[bytes, dict[str, Any]]] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        self._clients: dict[str, bytes] = {}
+        """request_id -> the client identity its events go to."""
+        self._offered: set[str] = set()
+        self._pulls: dict[str, _Pull] = {}
+        self._lock = threading.Lock()
+        self.loop = EngineLoop(engine, self._on_output)
+        self.transfer = transfer
+        self.connector: KVConnector = connector_class(transfer.backend)(
+            transfer, engine.kv_pool.layout, source=EngineKVSource(engine), release=self._release
+        )
+        self._receivers: dict[str, KVConnector] = {transfer.backend: self.connector}
+        # Reused threads (a new thread's first torch op costs ~10 ms of OpenMP set-up).
+        self._pullers = ThreadPoolExecutor(transfer.max_concurrent_transfers, thread_name_prefix="kv-pull")
+        """Connectors for pulls, by backend name: a pull may ask for another than the default."""
+
+    @property
+    def wake_fd(self) -> int:
+        return self._wake_read
+
+    def start(self) -> str:
+        address = self.connector.start()
+        self.loop.start()
+        return address
+
+    def close(self) -> None:
+        with self._lock:
+            pulls = list(self._pulls.values())
+        for pull in pulls:
+            pull.target.abort()
+        for pull in pulls:
+            pull.done.wait(timeout=5)
+        self._pullers.shutdown(wait=True, cancel_futures=True)
+        for receiver in self._receivers.values():
+            receiver.close()
+        self.loop.stop()
+        self.engine.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    # -- ops (main thread) -----------------------------------------------------------------
+
+    def handle(self, client: bytes, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Run one op; returns the reply's payload (``None`` for shutdown)."""
+        op = message.get("op")
+        if op == "generate":
+            return self._generate(client, message)
+        if op == "abort":
+            return {"aborted": self._abort(str(message["request_id"]))}
+        if op == "stats":
+            return asdict(self.loop.call(lambda e: e.stats()).result(timeout=30))
+        if op == "debug":
+            return self._debug()
+        if op == "metrics":
+            from prometheus_client import generate_latest
+
+            return {"text": generate_latest(self.connector.metrics.registry).decode()}
+        raise ValueError(f"unknown op {op!r}")
+
+    def _generate(self, client: bytes, message: dict[str, Any]) -> dict[str, Any]:
+        request_id = str(message["request_id"])
+        params = params_from_json(message.get("params"))
+        prompt = message["prompt"]
+        kv = message.get("kv") or {}
+        mode = kv.get("mode", "local")
+        with self._lock:
+            if request_id in self._clients:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._clients[request_id] = client
+        try:
+            if mode == "local":
+                self.loop.call(lambda e: e.add_request(prompt, params, request_id)).result(timeout=30)
+            elif mode == "offer":
+                self._offer(request_id, prompt, params, bool(kv.get("pipelined", False)))
+            elif mode == "pull":
+                self._start_pull(request_id, prompt, params, kv)
+            else:
+                raise ValueError(f"unknown kv mode {mode!r} (local, offer or pull)")
+        except BaseException:
+            with self._lock:
+                self._clients.pop(request_id, None)
+            raise
+        return {"request_id": request_id}
+
+    def _offer(self, request_id: str, prompt: Any, params: SamplingParams, pipelined: bool) -> None:
+        connector = self.connector
+
+        def hook(layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            connector.publish_layer(request_id, layer, start, k, v)
+
+        def admit(engine: LLMEngine) -> None:
+            engine.add_request(
+                prompt, params, request_id, prefill_only=True, hold_kv=True,
+                kv_hook=hook if pipelined else None,
+            )
+            connector.offer(request_id, engine.handoff_header(request_id), pipelined)
+            # Marked on the engine thread, before any step can finish the prefill.
+            with self._lock:
+                self._offered.add(request_id)
+
+        self.loop.call(admit).result(timeout=30)
+
+    def _start_pull(self, request_id: str, prompt: Any, params: SamplingParams, kv: dict[str, Any]) -> None:
+        address, kv_cache_id = str(kv["address"]), str(kv.get("kv_cache_id", request_id))
+        receiver = self._receiver(str(kv.get("backend") or self.transfer.backend))
+        on_failure = kv.get("on_failure", "recompute")
+        if on_failure not in ("recompute", "fail"):
+            raise ValueError(f"on_failure must be 'recompute' or 'fail', got {on_failure!r}")
+        loop, engine = self.loop, self.engine
+
+        def reserve(header: HandoffHeader) -> list[int]:
+            return loop.call(lambda e: e.reserve_kv(header, params, request_id)).result(timeout=30)
+
+        def write(table: list[int], layer: int, start: int, data: torch.Tensor) -> None:
+            engine.runner.write_kv(table, data.unsqueeze(0), start=start, layers=slice(layer, layer + 1))
+
+        def commit(first_tokens: list[SampledToken]) -> None:
+            # Announced before the engine can emit the request's first output.
+            self._emit(request_id, {
+                "event": "kv_received", "request_id": request_id,
+                "num_bytes": target.received_bytes, "seconds": time.monotonic() - started,
+            })
+            loop.call(lambda e: e.commit_kv(request_id, first_tokens)).result(timeout=30)
+
+        def cancel() -> None:
+            loop.call(lambda e: e.abort(request_id, report=False)).result(timeout=30)
+
+        target = PullTarget(reserve, write, commit, cancel, pool=engine.kv_pool.tensor)
+
+        started = time.monotonic()
+
+        def run() -> None:
+            try:
+                receiver.pull(address, kv_cache_id, target, kv.get("codec"))
+            except TransferError as error:
+                self._pull_failed(request_id, prompt, params, error, on_failure, target.aborted)
+            finally:
+                with self._lock:
+                    self._pulls.pop(request_id, None)
+                pull.done.set()
+
+        pull = _Pull(target, threading.Event())
+        with self._lock:
+            self._pulls[request_id] = pull
+        self._pullers.submit(run)
+
+    def _receiver(self, backend: str) -> KVConnector:
+        with self._lock:
+            receiver = self._receivers.get(backend)
+            if receiver is None:
+                receiver = connector_class(backend)(self.transfer, self.engine.kv_pool.layout)
+                self._receivers[backend] = receiver
+            return receiver
+
+    def _pull_failed(
+        self, request_id: str, prompt: Any, params: SamplingParams, error: TransferError,
+        on_failure: str, aborted: bool,
+    ) -> None:
+        fallback = "fail" if aborted else on_failure
+        self._emit(request_id, {
+            "event": "kv_failed", "request_id": request_id, "reason": error.reason.value,
+            "message": error.detail, "fallback": fallback,
+        })
+        if fallback == "recompute":
+            try:
+                self.loop.call(lambda e: e.add_request(prompt, params, request_id)).result(timeout=30)
+                return
+            except Exception as admit_error:
+                log.warning("recompute of %s failed: %s", request_id, admit_error)
+        with self._lock:
+            self._clients.pop(request_id, None)
+
+    def _abort(self, request_id: str) -> bool:
+        with self._lock:
+            pull = self._pulls.get(request_id)
+        if pull is not None:
+            # Stop the pull first and let its thread free the reservation: freeing it here
+            # while that thread may still be writing into the blocks would corrupt their reuse.
+            pull.target.abort()
+            pull.done.wait(timeout=10)
+        withdrawn = self.connector.withdraw(request_id)  # offered KV, held or still computing
+        aborted = self.loop.call(lambda e: e.abort(request_id)).result(timeout=30)
+        return bool(pull is not None or withdrawn or aborted)
+
+    def _debug(self) -> dict[str, Any]:
+        stats = self.loop.call(lambda e: e.stats()).result(timeout=30)
+        process = psutil.Process()
+        with self._lock:
+            num_pulls, num_clients = len(self._pulls), len(self._clients)
+        return {
+            "pid": os.getpid(),
+            "num_blocks": stats.num_blocks,
+            "num_free_blocks": stats.num_free_blocks,
+            "num_held_kv": stats.num_held_kv,
+            "num_reserved_kv": stats.num_reserved_kv,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "num_offers": len(self.connector.offers),
+            "num_pulls": num_pulls,
+            "num_tracked_requests": num_clients,
+            "open_fds": process.num_fds(),
+            "threads": threading.active_count(),
+            "children": len(process.children(recursive=True)),
+            "shm_name": self.engine.kv_pool.shm_name,
+        }
+
+    # -- engine and transfer threads -------------------------------------------------------
+
+    def _on_output(self, output: RequestOutput) -> None:
+        request_id = output.request_id
+        with self._lock:
+            offered = request_id in self._offered
+            if output.finished:
+                self._offered.discard(request_id)
+        if offered and output.finished:
+            if output.held_kv is not None:
+                self.connector.ready(request_id, output.held_kv)
+                self._emit(request_id, {
+                    "event": "prefilled", "request_id": request_id, "kv_cache_id": request_id,
+                    "kv_address": self.connector.address,
+                    "num_prompt_tokens": len(output.prompt_token_ids),
+                    "num_cached_tokens": output.num_cached_tokens,
+                    "kv_bytes": _kv_bytes(self.engine.kv_pool.layout, len(output.prompt_token_ids)),
+                    "first_tokens": [sampled_token_to_json(t) for t in output.held_kv.header.first_tokens],
+                }, finished=True)
+                return
+            self.connector.withdraw(request_id)  # aborted before its KV was held
+        self._emit(request_id, output_to_json(output), finished=output.finished)
+
+    def _release(self, kv_cache_id: str) -> None:
+        self.loop.call(lambda e: e.release_kv(kv_cache_id))
+
+    def _emit(self, request_id: str, event: dict[str, Any], finished: bool = False) -> None:
+        with self._lock:
+            client = self._clients.get(request_id)
+            if finished or (event.get("event") == "kv_failed" and event.get("fallback") == "fail"):
+                self._clients.pop(request_id, None)
+        if client is None:
+            return
+        event["time"] = time.monotonic()  # when it happened (CLOCK_MONOTONIC is host-wide)
+        self.events.put((client, event))
+        os.write(self._wake_write, b"x")
+
+
+def _kv_bytes(layout: KVLayout, num_tokens: int) -> int:
+    """Uncompressed KV bytes of ``num_tokens`` positions."""
+    return num_tokens * layout.bytes_per_block // layout.block_size
+
+
+def serve(config: EngineProcessConfig) -> None:
+    engine = LLMEngine(config.engine)
+    service = EngineService(engine, config.transfer)
+    _warm_up(engine)
+    kv_address = service.start()
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port(f"tcp://{config.control_host}")
+    control = f"tcp://{config.control_host}:{port}"
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    print(READY_PREFIX + json.dumps({"control": control, "kv_address": kv_address, "pid": os.getpid()}), flush=True)
+
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(service.wake_fd, zmq.POLLIN)
+    try:
+        while not stop.is_set():
+            for item, _ in poller.poll(200):
+                if item is router:
+                    client, raw = router.recv_multipart()
+                    reply = _dispatch(service, client, raw, stop)
+                    router.send_multipart([client, json.dumps(reply).encode()])
+                else:
+                    os.read(service.wake_fd, 4096)
+            while True:
+                try:
+                    client, event = service.events.get_nowait()
+                except queue.Empty:
+                    break
+                router.send_multipart([client, json.dumps(event).encode()])
+    finally:
+        service.close()
+        router.close()
+        context.term()
+
+
+def _dispatch(service: EngineService, client: bytes, raw: bytes, stop: threading.Event) -> dict[str, Any]:
+    op_id: Any = None
+    try:
+        message = json.loads(raw)
+        op_id = message.get("id")
+        if message.get("op") == "shutdown":
+            stop.set()
+            return {"event": "reply", "id": op_id, "ok": True, "result": {}}
+        return {"event": "reply", "id": op_id, "ok": True, "result": service.handle(client, message)}
+    except (ValueError, TypeError, KeyError) as error:
+        return {"event": "reply", "id": op_id, "ok": False, "error": str(error), "status": 400}
+    except Exception as error:
+        log.exception("op failed")
+        return {"event": "reply", "id": op_id, "ok": False, "error": str(error), "status": 500}
+
+
+def _warm_up(engine: LLMEngine) -> None:
+    """One tiny request, so the first real one does not pay for lazy initialisation."""
+    started = time.monotonic()
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "warm-up")
+    while engine.has_unfinished_requests():
+        engine.step()
+    log.info("warmed up in %.2f s", time.monotonic() - started)
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one pdserve engine with a control channel.")
+    parser.add_argument("--config", required=True, help="EngineProcessConfig as JSON")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    serve(EngineProcessConfig.from_json(args.config))
+
+
+if __name__ == "__main__":
+    main()

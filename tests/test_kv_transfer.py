@@ -1,0 +1,249 @@
+"""KV transfer between two in-process workers (real engines, real sockets, real connectors).
+
+Faults come from the loopback FaultProxy placed between the receiver and the sender's KV server.
+Every test ends by checking that neither side leaks: free blocks back to the pool size, nothing
+held, reserved, offered or pulled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from pdserve.bench.prompt_set import TEXT_PROMPTS, long_prompt
+from pdserve.engine.config import CacheConfig
+from pdserve.engine.handoff import HandoffHeader
+from pdserve.engine.loader import Checkpoint
+from pdserve.runtime.inprocess import InProcessWorker as Worker
+from pdserve.runtime.inprocess import failures, is_idle, token_ids
+from pdserve.transfer.config import TransferConfig
+from pdserve.transfer.connector import PullTarget, connector_class
+from pdserve.transfer.errors import FailureReason, TransferError
+from pdserve.transfer.fault_proxy import Direction, Fault, FaultProxy
+
+SECRET = "correct horse battery staple"
+PROMPT = TEXT_PROMPTS[0]
+PARAMS = {"max_tokens": 12}
+FAST_FAIL = TransferConfig(lease_ttl=1.0, io_timeout=2.0, transfer_timeout=8.0, secret=SECRET)
+
+
+@pytest.fixture(scope="module")
+def sender(checkpoint: Checkpoint) -> Iterator[Worker]:
+    worker = Worker(checkpoint, FAST_FAIL, CacheConfig(memory_bytes=128 << 20, allocator="shm"))
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def receiver(checkpoint: Checkpoint) -> Iterator[Worker]:
+    worker = Worker(checkpoint, FAST_FAIL)
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="module")
+def local_tokens(receiver: Worker) -> list[int]:
+    receiver.generate("local-reference", PROMPT, PARAMS)
+    return token_ids(receiver.wait_finished("local-reference"))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(sender: Worker, receiver: Worker) -> Iterator[None]:
+    yield
+    for name, worker in (("sender", sender), ("receiver", receiver)):
+        state = worker.wait_idle(timeout=10)
+        assert is_idle(state), f"{name} leaked: {state}"
+
+
+def prefill(sender: Worker, request_id: str, prompt: str = PROMPT, pipelined: bool = False) -> dict:
+    sender.generate(request_id, prompt, PARAMS, kv={"mode": "offer", "pipelined": pipelined})
+    if pipelined:
+        return {}
+    (event,) = sender.wait_finished(request_id)
+    assert event["event"] == "prefilled", event
+    return event
+
+
+def pull(receiver: Worker, request_id: str, address: str, prompt: str = PROMPT, **kv: object) -> list[dict]:
+    receiver.generate(request_id, prompt, PARAMS, kv={"mode": "pull", "address": address, **kv})
+    return receiver.wait_finished(request_id)
+
+
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_pulled_kv_decodes_like_a_local_prefill(
+    sender: Worker, receiver: Worker, local_tokens: list[int], backend: str
+) -> None:
+    prefilled = prefill(sender, f"pull-{backend}")
+    assert prefilled["first_tokens"][0]["token_id"] == local_tokens[0]
+    events = pull(receiver, f"pull-{backend}", sender.kv_address, backend=backend, on_failure="fail")
+    assert events[0]["event"] == "kv_received", events[0]
+    assert events[-1]["num_cached_tokens"] == events[-1]["num_prompt_tokens"], "the prompt was recomputed"
+    assert token_ids(events) == local_tokens
+
+
+def test_pipelined_transfer_lands_layers_while_the_prefill_runs(
+    sender: Worker, receiver: Worker, checkpoint: Checkpoint
+) -> None:
+    prompt = long_prompt()[:4000]  # ~900 tokens: two prefill chunks of up to 512
+    receiver.generate("local-long", prompt, PARAMS)
+    expected = token_ids(receiver.wait_finished("local-long"))
+
+    first_write: list[float] = []
+    runner = receiver.engine.runner
+    original_write = runner.write_kv
+
+    def observed_write(*args: object, **kwargs: object) -> None:
+        if not first_write:
+            first_write.append(time.monotonic())
+        original_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    runner.write_kv = observed_write  # type: ignore[method-assign]
+    try:
+        prefill(sender, "pipelined", prompt, pipelined=True)
+        receiver.generate("pipelined", prompt, PARAMS, kv={"mode": "pull", "address": sender.kv_address, "on_failure": "fail"})
+        (prefilled,) = sender.wait_finished("pipelined")
+        events = receiver.wait_finished("pipelined")
+    finally:
+        runner.write_kv = original_write  # type: ignore[method-assign]
+    assert prefilled["event"] == "prefilled"
+    assert not failures(events), events
+    assert first_write and first_write[0] < prefilled["received_at"], "no layer arrived before the prefill ended"
+    assert token_ids(events) == expected
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "fp8"])
+def test_every_codec_transfers_and_decodes(sender: Worker, receiver: Worker, local_tokens: list[int], codec: str) -> None:
+    prefill(sender, f"codec-{codec}")
+    events = pull(receiver, f"codec-{codec}", sender.kv_address, codec=codec, on_failure="fail")
+    assert events[0]["event"] == "kv_received"
+    tokens = token_ids(events)
+    assert len(tokens) == PARAMS["max_tokens"]
+    agreement = sum(a == b for a, b in zip(tokens, local_tokens, strict=True)) / len(tokens)
+    print(f"codec {codec}: {agreement:.0%} of {len(tokens)} greedy tokens agree with the uncompressed path")
+    assert tokens[0] == local_tokens[0]  # the first token was sampled before any compression
+
+
+def test_incompatible_kv_is_rejected_naming_the_field(checkpoint: Checkpoint, sender: Worker) -> None:
+    other = Worker(checkpoint, FAST_FAIL, CacheConfig(memory_bytes=32 << 20, block_size=32))
+    try:
+        prefill(sender, "mismatch")
+        events = pull(other, "mismatch", sender.kv_address, on_failure="fail")
+        (failure,) = failures(events)
+        assert failure["reason"] == "incompatible" and "block_size" in failure["message"], failure
+        assert is_idle(other.wait_idle()), other.debug()
+    finally:
+        other.close()
+
+
+def test_unclaimed_kv_is_freed_when_its_lease_expires(sender: Worker, receiver: Worker, local_tokens: list[int]) -> None:
+    prefill(sender, "unclaimed")
+    assert sender.debug()["num_held_kv"] == 1
+    state = sender.wait_idle(timeout=FAST_FAIL.lease_ttl + 3)
+    assert state["num_held_kv"] == 0 and state["num_free_blocks"] == state["num_blocks"]
+    assert sender.service.connector.metrics.expired_leases._value.get() >= 1
+    # A late pull learns the KV is gone and, by default, recomputes the prompt.
+    events = pull(receiver, "unclaimed", sender.kv_address)
+    assert failures(events)[0]["reason"] == "unknown_kv"
+    assert token_ids(events) == local_tokens
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (Fault.bitflip(offset=40_000, bit=3, direction=Direction.SERVER_TO_CLIENT), "corrupt"),
+        (Fault.truncate(after_bytes=30_000, direction=Direction.SERVER_TO_CLIENT), "peer_closed"),
+        (Fault.drop(after_bytes=30_000, direction=Direction.SERVER_TO_CLIENT), "peer_closed"),
+        (Fault.stall(after_bytes=30_000, direction=Direction.SERVER_TO_CLIENT), "timeout"),
+    ],
+    ids=["bitflip", "truncate", "drop", "stall"],
+)
+def test_network_faults_fail_fast_and_fall_back_to_recompute(
+    sender: Worker, receiver: Worker, local_tokens: list[int], fault: Fault, reason: str
+) -> None:
+    host, port = sender.kv_address.rsplit(":", 1)
+    request_id = f"fault-{fault.kind.value}"
+    with FaultProxy((host, int(port))) as proxy:
+        proxy.set_fault(fault)
+        prefill(sender, request_id)
+        started = time.monotonic()
+        events = pull(receiver, request_id, f"{proxy.address[0]}:{proxy.address[1]}")
+        (failure,) = failures(events)
+        assert failure["reason"] == reason, failure
+        assert failure["received_at"] - started < FAST_FAIL.transfer_timeout + 1
+        assert failure["fallback"] == "recompute"
+        assert token_ids(events) == local_tokens  # corrupted KV never reached the cache
+
+
+def _slow_pull(sender: Worker, receiver: Worker, request_id: str, proxy: FaultProxy) -> str:
+    prompt = long_prompt()[:4000]
+    prefill(sender, request_id, prompt)
+    proxy.set_fault(Fault.rate(4_000_000, direction=Direction.SERVER_TO_CLIENT))  # ~40 MB take ~10 s
+    receiver.generate(
+        request_id, prompt, PARAMS,
+        kv={"mode": "pull", "address": f"{proxy.address[0]}:{proxy.address[1]}", "on_failure": "fail"},
+    )
+    time.sleep(0.5)
+    return prompt
+
+
+def test_abort_on_the_receiver_ends_the_transfer_on_both_sides(sender: Worker, receiver: Worker) -> None:
+    host, port = sender.kv_address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as proxy:
+        _slow_pull(sender, receiver, "abort-receiver", proxy)
+        started = time.monotonic()
+        assert receiver.abort("abort-receiver")
+        events = receiver.wait_finished("abort-receiver", timeout=5)
+        assert failures(events)[0]["reason"] == "aborted", events
+        assert time.monotonic() - started < 2
+        assert is_idle(sender.wait_idle(timeout=FAST_FAIL.io_timeout + 2)), sender.debug()
+
+
+def test_abort_on_the_sender_ends_the_transfer_on_both_sides(sender: Worker, receiver: Worker) -> None:
+    host, port = sender.kv_address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as proxy:
+        _slow_pull(sender, receiver, "abort-sender", proxy)
+        started = time.monotonic()
+        sender.abort("abort-sender")
+        assert is_idle(sender.wait_idle(timeout=3)), sender.debug()
+        events = receiver.wait_finished("abort-sender", timeout=FAST_FAIL.transfer_timeout)
+        # The sender resets the connection: the receiver sees the abort or the reset, at once.
+        assert failures(events)[0]["reason"] in ("aborted", "peer_closed"), events
+        assert time.monotonic() - started < 3
+
+
+def test_pulls_must_prove_the_shared_secret(sender: Worker, receiver: Worker) -> None:
+    prefill(sender, "auth")
+    layout = receiver.engine.kv_pool.layout
+
+    def never(*_args: object) -> list[int]:
+        raise AssertionError("no KV may be reserved without the secret")
+
+    target = PullTarget(reserve=never, write=never, commit=never, cancel=lambda: None)
+    for secret in (None, "wrong secret"):
+        config = TransferConfig(secret=secret, io_timeout=2, transfer_timeout=4)
+        connector = connector_class("tcp")(config, layout)
+        with pytest.raises(TransferError) as failure:
+            connector.pull(sender.kv_address, "auth", target)
+        assert failure.value.reason is FailureReason.AUTH
+        connector.close()
+    # The failed attempts did not consume the offer: the right secret still gets it.
+    events = pull(receiver, "auth", sender.kv_address, on_failure="fail")
+    assert events[0]["event"] == "kv_received"
+
+
+def test_transfer_threads_are_pooled_and_bounded(sender: Worker, receiver: Worker) -> None:
+    for prefix in ("kv-send", "kv-pull"):
+        threads = [t for t in threading.enumerate() if t.name.startswith(prefix)]
+        assert len(threads) <= 2 * FAST_FAIL.max_concurrent_transfers, threads
+
+
+def test_header_round_trips_through_json(sender: Worker) -> None:
+    prefilled = prefill(sender, "header")
+    held = sender.engine.held_kv("header")
+    assert held is not None
+    assert HandoffHeader.from_json(held.header.to_json()) == held.header
+    assert prefilled["first_tokens"][0]["token_id"] == held.header.first_tokens[0].token_id
+    assert sender.service.connector.withdraw("header")
