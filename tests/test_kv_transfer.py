@@ -7,6 +7,7 @@ held, reserved, offered or pulled.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -50,12 +51,29 @@ def local_tokens(receiver: Worker) -> list[int]:
     return token_ids(receiver.wait_finished("local-reference"))
 
 
+def open_fds() -> list[str]:
+    """This process's open files, leaving out shared-memory pools (the shm connector keeps a
+    live sender's pool mapped between pulls, by design)."""
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except FileNotFoundError:  # the listing's own descriptor, already closed
+            continue
+    return [t for t in targets if not t.startswith("/dev/shm/")]
+
+
 @pytest.fixture(autouse=True)
 def no_leaks(sender: Worker, receiver: Worker) -> Iterator[None]:
+    before = len(open_fds())
     yield
     for name, worker in (("sender", sender), ("receiver", receiver)):
         state = worker.wait_idle(timeout=10)
         assert is_idle(state), f"{name} leaked: {state}"
+    deadline = time.monotonic() + 5  # sockets close as their threads finish
+    while len(open_fds()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(open_fds()) <= before, f"file descriptors leaked: {open_fds()}"
 
 
 def prefill(sender: Worker, request_id: str, prompt: str = PROMPT, pipelined: bool = False) -> dict:
@@ -175,6 +193,24 @@ def test_network_faults_fail_fast_and_fall_back_to_recompute(
         assert failure["received_at"] - started < FAST_FAIL.transfer_timeout + 1
         assert failure["fallback"] == "recompute"
         assert token_ids(events) == local_tokens  # corrupted KV never reached the cache
+    failed = receiver.service.connector.metrics.failed.labels("receive", reason)._value.get()
+    assert failed >= 1, f"no receive failure counted for {reason}"
+
+
+def test_a_slow_link_only_delays_the_transfer(sender: Worker, receiver: Worker, local_tokens: list[int]) -> None:
+    host, port = sender.kv_address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as proxy:
+        proxy.set_fault(Fault.delay(0.05))
+        prefill(sender, "delayed")
+        events = pull(receiver, "delayed", f"{proxy.address[0]}:{proxy.address[1]}", on_failure="fail")
+    assert events[0]["event"] == "kv_received" and not failures(events)
+    assert token_ids(events) == local_tokens
+
+
+def test_a_kv_server_off_loopback_requires_a_secret() -> None:
+    with pytest.raises(ValueError, match="secret"):
+        TransferConfig(host="0.0.0.0")
+    assert TransferConfig(host="0.0.0.0", secret="s").host == "0.0.0.0"
 
 
 def _slow_pull(sender: Worker, receiver: Worker, request_id: str, proxy: FaultProxy) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import replace
 from multiprocessing import resource_tracker, shared_memory
 from typing import Any, ClassVar
@@ -43,6 +44,7 @@ class ShmConnector(KVConnector):
     ) -> int:
         if target.pool is None:
             raise TransferError(FailureReason.PROTOCOL, "the shm connector needs the receiving pool")
+        self._detach_dead()
         frame = expect(recv_frame(sock, deadline), Kind.SHM)
         source_table = [int(b) for b in frame.meta["block_table"]]
         num_blocks = -(-header.num_tokens // self.layout.block_size)
@@ -72,6 +74,17 @@ class ShmConnector(KVConnector):
             attached = self._attached[name] = (tensor, segment)
         return attached[0]
 
+    def _detach_dead(self) -> None:
+        """Unmap pools whose segment was unlinked (the sender exited or died): the mapping would
+        otherwise keep a dead sender's whole pool in memory."""
+        for name in [n for n in self._attached if not _segment_exists(n)]:
+            _, segment = self._attached.pop(name)
+            segment.close()
+
+    def _fail(self, sock: socket.socket | None, target: PullTarget, reserved: bool, error: TransferError) -> None:
+        super()._fail(sock, target, reserved, error)
+        self._detach_dead()
+
     def _sender_layout(self, name: str, sender_pid: int) -> KVLayout:
         """The sender's pool has our layout but its own block count: read it off the segment size."""
         segment = shared_memory.SharedMemory(name=name, create=False)
@@ -100,3 +113,10 @@ def block_runs(source: list[int], destination: list[int]) -> list[tuple[int, int
         else:
             runs.append((s, d, 1))
     return runs
+
+
+def _segment_exists(name: str) -> bool:
+    """Whether a POSIX shared-memory segment still has a name (Linux keeps them in /dev/shm)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.exists(f"/dev/shm/{name.lstrip('/')}")
