@@ -99,7 +99,60 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     transfer_bench.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions (a smoke run)")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
+    _add_serving_parsers(commands)
     return parser
+
+
+def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
+    from pdserve.serving.cli_args import (
+        add_router_arguments,
+        add_serve_arguments,
+        add_worker_arguments,
+    )
+
+    serve = commands.add_parser(
+        "serve",
+        help="router + prefill and decode workers on this machine (OpenAI API)",
+        description="Start the OpenAI-compatible router with one prefill and one decode worker (one "
+        "core each) on this machine, or colocated workers with --colocated; Ctrl-C stops everything.",
+    )
+    add_serve_arguments(serve)
+    _add_model_args(serve)
+    worker = commands.add_parser(
+        "worker",
+        help="one engine behind the internal API the router calls",
+        description="Run one engine (role prefill, decode or both) behind the internal HTTP API.",
+    )
+    add_worker_arguments(worker)
+    _add_model_args(worker)
+    router = commands.add_parser(
+        "router",
+        help="the OpenAI-compatible API in front of running workers",
+        description="Serve /v1/completions, /v1/chat/completions and /v1/models over the given workers.",
+    )
+    add_router_arguments(router)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pdserve.serving.serve import run_serve
+
+    return run_serve(args)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from pdserve.serving.worker import run_worker
+
+    return run_worker(args)
+
+
+def _router(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pdserve.serving.router import RouterConfig, create_router_app
+
+    config = RouterConfig(tuple(args.prefill), tuple(args.decode), tuple(args.both), args.api_key, args.kv_backend)
+    uvicorn.run(create_router_app(config), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -153,7 +206,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handlers = {"generate": _generate, "export": _export, "bench": _bench}
+    handlers = {
+        "generate": _generate, "export": _export, "bench": _bench,
+        "serve": _serve, "worker": _worker, "router": _router,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as error:

@@ -354,13 +354,7 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = self._tokenize(prompt)
-        total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
-        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens needs {self.block_manager.blocks_needed(total)} KV blocks; "
-                f"the KV pool has {self.block_manager.num_blocks} (raise the KV memory budget)"
-            )
+        prompt_ids = self.check_request(prompt, params)
         if seed is None:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
         request = Request(
@@ -374,6 +368,21 @@ class LLMEngine:
         )
         self._requests[request_id] = request
         return request
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or ValueError if this engine could never serve the request.
+
+        Reads only immutable state, so it is safe from any thread (e.g. to refuse bad input
+        before a transfer is even attempted).
+        """
+        prompt_ids = self._tokenize(prompt)
+        total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {self.block_manager.blocks_needed(total)} KV blocks; "
+                f"the KV pool has {self.block_manager.num_blocks} (raise the KV memory budget)"
+            )
+        return prompt_ids
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -23,6 +23,7 @@ from typing import IO, Any
 import zmq
 
 from pdserve.runtime.engine_process import READY_PREFIX, EngineProcessConfig
+from pdserve.runtime.protocol import is_last_event
 
 
 class EngineProcessError(RuntimeError):
@@ -160,7 +161,7 @@ class EngineProcess:
         while True:
             event = self.next_event(request_id, max(0.0, deadline - time.monotonic()))
             events.append(event)
-            if _is_last(event):
+            if is_last_event(event):
                 self._events.pop(request_id, None)
                 return events
 
@@ -194,15 +195,6 @@ class EngineProcess:
         if self._context is not None:
             self._context.term()
             self._context = None
-
-
-def _is_last(event: dict[str, Any]) -> bool:
-    kind = event.get("event")
-    if kind == "output":
-        return bool(event.get("finished"))
-    if kind == "prefilled":
-        return True
-    return kind == "kv_failed" and event.get("fallback") == "fail"
 
 
 def _read_ready_line(process: subprocess.Popen[str], stdout: IO[str], timeout: float) -> dict[str, Any]:

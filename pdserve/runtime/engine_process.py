@@ -159,7 +159,7 @@ class EngineService:
     def _generate(self, client: bytes, message: dict[str, Any]) -> dict[str, Any]:
         request_id = str(message["request_id"])
         params = params_from_json(message.get("params"))
-        prompt = message["prompt"]
+        prompt = self._prompt(message)
         kv = message.get("kv") or {}
         mode = kv.get("mode", "local")
         with self._lock:
@@ -181,6 +181,20 @@ class EngineService:
             raise
         return {"request_id": request_id}
 
+    def _prompt(self, message: dict[str, Any]) -> str | list[int]:
+        """``prompt`` (text or token ids) or ``messages`` (chat, rendered with the model's template)."""
+        if "messages" in message:
+            tokenizer = self.engine.tokenizer
+            text = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
+            # The template writes special tokens as text; do not add them a second time.
+            return tokenizer.encode(text, add_special_tokens=False)
+        prompt = message["prompt"]
+        if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return prompt
+
     def _offer(self, request_id: str, prompt: Any, params: SamplingParams, pipelined: bool) -> None:
         connector = self.connector
 
@@ -200,6 +214,7 @@ class EngineService:
         self.loop.call(admit).result(timeout=30)
 
     def _start_pull(self, request_id: str, prompt: Any, params: SamplingParams, kv: dict[str, Any]) -> None:
+        self.engine.check_request(prompt, params)  # bad input fails now, not after a transfer
         address, kv_cache_id = str(kv["address"]), str(kv.get("kv_cache_id", request_id))
         receiver = self._receiver(str(kv.get("backend") or self.transfer.backend))
         on_failure = kv.get("on_failure", "recompute")
@@ -266,6 +281,10 @@ class EngineService:
                 return
             except Exception as admit_error:
                 log.warning("recompute of %s failed: %s", request_id, admit_error)
+                self._emit(request_id, {
+                    "event": "error", "request_id": request_id, "status": 503,
+                    "message": f"KV transfer failed ({error.reason.value}) and recomputing failed: {admit_error}",
+                }, finished=True)
         with self._lock:
             self._clients.pop(request_id, None)
 
@@ -320,6 +339,7 @@ class EngineService:
                     "num_prompt_tokens": len(output.prompt_token_ids),
                     "num_cached_tokens": output.num_cached_tokens,
                     "kv_bytes": _kv_bytes(self.engine.kv_pool.layout, len(output.prompt_token_ids)),
+                    "prompt_token_ids": list(output.prompt_token_ids),
                     "first_tokens": [sampled_token_to_json(t) for t in output.held_kv.header.first_tokens],
                 }, finished=True)
                 return
@@ -349,7 +369,7 @@ def _kv_bytes(layout: KVLayout, num_tokens: int) -> int:
 def serve(config: EngineProcessConfig) -> None:
     engine = LLMEngine(config.engine)
     service = EngineService(engine, config.transfer)
-    _warm_up(engine)
+    warm_up(engine)
     kv_address = service.start()
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
@@ -401,7 +421,7 @@ def _dispatch(service: EngineService, client: bytes, raw: bytes, stop: threading
         return {"event": "reply", "id": op_id, "ok": False, "error": str(error), "status": 500}
 
 
-def _warm_up(engine: LLMEngine) -> None:
+def warm_up(engine: LLMEngine) -> None:
     """One tiny request, so the first real one does not pay for lazy initialisation."""
     started = time.monotonic()
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "warm-up")
@@ -410,7 +430,8 @@ def _warm_up(engine: LLMEngine) -> None:
     log.info("warmed up in %.2f s", time.monotonic() - started)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so no worker outlives its supervisor."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
@@ -421,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one pdserve engine with a control channel.")
     parser.add_argument("--config", required=True, help="EngineProcessConfig as JSON")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     serve(EngineProcessConfig.from_json(args.config))
 

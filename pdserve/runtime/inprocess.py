@@ -18,6 +18,7 @@ from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, Schedu
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import Checkpoint
 from pdserve.runtime.engine_process import EngineService
+from pdserve.runtime.protocol import is_last_event
 from pdserve.transfer.config import TransferConfig
 
 
@@ -79,10 +80,7 @@ class InProcessWorker:
         while True:
             event = self.next_event(request_id, max(0.01, deadline - time.monotonic()))
             events.append(event)
-            kind = event["event"]
-            if (kind == "output" and event["finished"]) or kind == "prefilled" or (
-                kind == "kv_failed" and event["fallback"] == "fail"
-            ):
+            if is_last_event(event):
                 return events
 
     def debug(self) -> dict[str, Any]:

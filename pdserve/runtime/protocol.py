@@ -11,7 +11,11 @@ as further events tagged with ``request_id``:
   ``kv_address``, with the first sampled token(s);
 - ``kv_received``: a pulled KV landed (bytes, seconds);
 - ``kv_failed``: a pull failed (``reason``); ``fallback`` says whether the prompt is being
-  recomputed here (more ``output`` events follow) or the request ended (``"fail"``).
+  recomputed here (more ``output`` events follow) or the request ended (``"fail"``);
+- ``error``: the request ended without output (``status``, ``message``).
+
+A ``generate`` op carries ``prompt`` (text or token ids) or ``messages`` (chat messages, rendered
+with the model's chat template), ``params`` (:class:`SamplingParams` fields) and ``kv``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,16 @@ from pdserve.engine.outputs import RequestOutput
 from pdserve.engine.sampling_params import SamplingParams
 
 _PARAM_NAMES = {f.name for f in dataclasses.fields(SamplingParams)} - {"extra"}
+
+
+def is_last_event(event: dict[str, Any]) -> bool:
+    """Whether no further event of this request will follow."""
+    kind = event.get("event")
+    if kind == "output":
+        return bool(event.get("finished"))
+    if kind in ("prefilled", "error"):
+        return True
+    return kind == "kv_failed" and event.get("fallback") == "fail"
 
 
 def params_from_json(data: dict[str, Any] | None) -> SamplingParams:

@@ -1,0 +1,208 @@
+"""``pdserve router``: the OpenAI-compatible API in front of the workers.
+
+Per request, disaggregated: a prefill worker prefills and offers the KV (its stream ends with a
+``prefilled`` event carrying the prompt's token ids and its KV server's address); a decode
+worker pulls that KV and streams the output, which the router turns into OpenAI responses.
+Colocated (``both`` workers only): one worker does everything. With decode workers but no live
+prefill worker, the decode worker prefills itself. The router holds no model and no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pdserve.serving.errors import APIError, error_response
+from pdserve.serving.openai_format import StreamState, completion_body
+from pdserve.serving.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.serving.worker_pool import Worker, WorkerPool
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    both: tuple[str, ...] = ()
+    api_key: str | None = None
+    """When set, every /v1 request must send ``Authorization: Bearer <api_key>``."""
+    kv_backend: str | None = None
+    """How decode workers pull KV ("shm" when every worker shares this host); None: their default."""
+    request_timeout: float = 600.0
+
+
+def create_router_app(config: RouterConfig) -> FastAPI:
+    pool = WorkerPool(list(config.prefill), list(config.decode), list(config.both))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout, connect=5.0)) as client:
+            app.state.client = client
+            await pool.refresh(client)
+            yield
+
+    app = FastAPI(title="pdserve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API of a disaggregated (prefill/decode) LLM server.")
+    app.state.pool = pool
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", 400, where or None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        return error_response(f"internal error: {type(error).__name__}: {error}", 500)
+
+    @app.get("/health")
+    async def health() -> Any:
+        await pool.refresh(app.state.client)
+        workers = [{"url": w.url, "role": w.role, "healthy": w.healthy} for w in pool.workers]
+        status = 200 if pool.pick("decode", "both") else 503
+        return JSONResponse({"status": "ok" if status == 200 else "unavailable", "workers": workers}, status_code=status)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Any:
+        _authorize(request, config)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "pdserve"} for name in pool.model_names()
+        ]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        _authorize(request, config)
+        prompt = body.single_prompt()
+        max_tokens = body.max_tokens if body.max_tokens is not None else pool.max_model_len()
+        return await _serve(app, config, body, {"prompt": prompt}, max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        _authorize(request, config)
+        messages = body.template_messages()
+        max_tokens = body.requested_max_tokens() or pool.max_model_len()
+        return await _serve(app, config, body, {"messages": messages}, max_tokens, chat=True)
+
+    return app
+
+
+def _authorize(request: Request, config: RouterConfig) -> None:
+    if config.api_key is None:
+        return
+    if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+        raise APIError("invalid API key", 401, code="invalid_api_key")
+
+
+async def _serve(
+    app: FastAPI, config: RouterConfig, body: SamplingFields, prompt: dict[str, Any], max_tokens: int, chat: bool,
+) -> Any:
+    pool: WorkerPool = app.state.pool
+    client: httpx.AsyncClient = app.state.client
+    if body.model not in pool.model_names():
+        await pool.refresh(client)
+        if body.model not in pool.model_names():
+            raise APIError(f"the model {body.model!r} does not exist; this server serves {pool.model_names()}",
+                           404, param="model", code="model_not_found")
+    context = pool.max_model_len()
+    if max_tokens > context:
+        raise APIError(f"max_tokens is {max_tokens}, more than the model's context of {context} tokens",
+                       param="max_tokens")
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    params = body.sampling_params(max_tokens)
+    events = _run(client, pool, config, request_id, prompt, params)
+    created = int(time.time())
+    if not body.stream:
+        last: dict[str, Any] | None = None
+        async for event in events:
+            last = event
+        assert last is not None
+        return completion_body(request_id, body.model, created, chat, last)
+    first = await _first(events)  # fail with a proper status before the stream starts
+    state = StreamState(request_id, body.model, created, chat)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+        last = first
+        for line in state.chunks(first):
+            yield line
+        async for event in events:
+            last = event
+            for line in state.chunks(event):
+                yield line
+        if include_usage:
+            yield state.usage_chunk(last)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def _first(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    async for event in events:
+        return event
+    raise APIError("the worker ended the request without output", 503)
+
+
+async def _run(
+    client: httpx.AsyncClient, pool: WorkerPool, config: RouterConfig, request_id: str,
+    prompt: dict[str, Any], params: dict[str, Any],
+) -> AsyncIterator[dict[str, Any]]:
+    """The request's output events, from whichever workers serve it."""
+    prefill, decode = pool.pick("prefill"), pool.pick("decode")
+    if prefill is not None and decode is not None:
+        prefilled = None
+        async for event in _worker_events(client, prefill, {"request_id": request_id, **prompt, "params": params,
+                                                              "kv": {"mode": "offer"}}):
+            prefilled = event
+        if prefilled is None or prefilled.get("event") != "prefilled":
+            raise APIError(f"prefill failed: {prefilled}", 503, retry_after=1)
+        kv = {"mode": "pull", "address": prefilled["kv_address"], "kv_cache_id": request_id}
+        if config.kv_backend:
+            kv["backend"] = config.kv_backend
+        body = {"request_id": request_id, "prompt": prefilled["prompt_token_ids"], "params": params, "kv": kv}
+        worker: Worker = decode
+    else:
+        local = decode or pool.pick("both")
+        if local is None:
+            raise APIError("no decode worker is available", 503, retry_after=5)
+        body, worker = {"request_id": request_id, **prompt, "params": params}, local
+    async for event in _worker_events(client, worker, body):
+        if event.get("event") == "output":
+            yield event
+        elif event.get("event") == "error":
+            raise APIError(str(event.get("message")), int(event.get("status", 503)))
+
+
+async def _worker_events(client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async with client.stream("POST", f"{worker.url}/internal/generate", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise _worker_error(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield json.loads(line)
+    except httpx.HTTPError as error:
+        worker.healthy = False
+        raise APIError(f"worker {worker.url} failed: {error}", 503, retry_after=1) from None
+
+
+def _worker_error(response: httpx.Response) -> APIError:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    status = response.status_code if 400 <= response.status_code < 500 else 503
+    return APIError(message, status)

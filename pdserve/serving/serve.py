@@ -1,0 +1,78 @@
+"""``pdserve serve``: router + workers on this machine, one command (the embedded default).
+
+Disaggregated by default: one prefill and one decode worker, one core each, KV moved through
+shared memory. ``--colocated`` runs ``both`` workers instead (the monolithic baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+import uvicorn
+
+from pdserve.engine.loader import resolve_model_path
+from pdserve.serving.router import RouterConfig, create_router_app
+from pdserve.serving.supervisor import ProcessGroup
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    def log(message: str) -> None:
+        print(f"[serve {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    model = str(resolve_model_path(args.model, show_progress=True))  # fetch once, before any worker
+    cores = sorted(os.sched_getaffinity(0))
+    roles = ["both"] * args.workers if args.colocated else ["prefill"] * args.prefill + ["decode"] * args.decode
+    group = ProcessGroup()
+    urls: dict[str, list[str]] = {"prefill": [], "decode": [], "both": []}
+    try:
+        for index, role in enumerate(roles):
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            cpus = str(cores[index % len(cores)]) if len(roles) > 1 else f"{cores[0]}-{cores[-1]}"
+            argv = [
+                "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
+                "--model", model, "--dtype", args.dtype, "--weight-format", args.weight_format,
+                "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
+            ]
+            group.spawn(f"{role} worker {index}", url, argv)
+            urls[role].append(url)
+            log(f"starting {role} worker on core(s) {cpus}")
+        group.wait_healthy(args.ready_timeout, log)
+        config = RouterConfig(tuple(urls["prefill"]), tuple(urls["decode"]), tuple(urls["both"]),
+                              api_key=args.api_key, kv_backend="shm")
+        app = create_router_app(config)
+        base = f"http://{args.host}:{args.port}"
+        log(f"ready in {time.monotonic() - started:.1f} s: {base}/v1 ({'colocated' if args.colocated else 'disaggregated'})")
+        print(_usage(base, args.api_key), file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    except RuntimeError as error:
+        log(f"error: {error}")
+        return 1
+    finally:
+        log("stopping workers")
+        group.stop()
+
+
+def _usage(base: str, api_key: str | None) -> str:
+    key = api_key or "none"
+    return f"""
+  curl {base}/v1/completions -H 'Content-Type: application/json' -H 'Authorization: Bearer {key}' \\
+       -d '{{"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is", "max_tokens": 16}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/v1", api_key="{key}")
+  print(client.chat.completions.create(model=client.models.list().data[0].id,
+        messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)
+"""

@@ -1,0 +1,75 @@
+"""``pdserve worker``: one engine behind the internal HTTP API, in this process.
+
+The worker pins itself to the cores it is given (``--cpus 0`` or ``--cpus 0-1``), sizes torch's
+threads to match, loads the model, runs one warm-up request, starts its KV server, and only
+then answers ``/health`` — so "healthy" means "ready to serve".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+import uvicorn
+
+from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.runtime.engine_process import EngineService, die_with_parent, warm_up
+from pdserve.serving.worker_app import create_worker_app
+from pdserve.transfer.config import TransferConfig
+
+
+def parse_cpus(text: str) -> list[int]:
+    """"0", "0,2" or "0-3" -> core ids."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    if not cpus:
+        raise ValueError(f"no cores in {text!r}")
+    return cpus
+
+
+def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[EngineConfig, TransferConfig]:
+    engine = EngineConfig(
+        show_progress=not args.exit_with_parent,  # under `serve`, the supervisor reports progress
+        model=ModelConfig(
+            path=args.model, dtype=args.dtype, device=args.device, num_threads=num_threads,
+            weight_format=args.weight_format,
+        ),
+        # A prefill pool in shared memory lets same-host decode workers copy KV straight out of it.
+        cache=CacheConfig(memory_bytes=args.kv_memory_mb << 20, allocator="shm" if args.role != "decode" else "heap"),
+    )
+    transfer = TransferConfig(
+        backend=args.kv_backend, host=args.kv_host, port=args.kv_port, secret=args.kv_secret,
+        lease_ttl=args.kv_lease_ttl, transfer_timeout=args.kv_timeout,
+    )
+    return engine, transfer
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    if args.exit_with_parent:
+        die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.role}:{args.port}] %(message)s")
+    num_threads = args.threads
+    if args.cpus is not None:
+        cpus = parse_cpus(args.cpus)
+        os.sched_setaffinity(0, cpus)
+        num_threads = num_threads or len(cpus)
+    engine_config, transfer = worker_config(args, num_threads)
+    engine = LLMEngine(engine_config)
+    warm_up(engine)
+    service = EngineService(engine, transfer)
+    service.start()
+    app = create_worker_app(service, args.role)
+    logging.getLogger(__name__).info(
+        "ready: role %s, model %s, %d torch threads, KV server %s",
+        args.role, engine.model_name, torch.get_num_threads(), service.connector.address,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.close()
+    return 0

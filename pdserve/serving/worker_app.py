@@ -1,0 +1,112 @@
+"""A worker's internal HTTP API: what the router calls. Not the public OpenAI API.
+
+    POST /internal/generate  {"request_id", "prompt" | "messages", "params", "kv"}
+                             -> application/x-ndjson: the request's events (runtime/protocol.py)
+    POST /internal/abort     {"request_id"}
+    GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up
+    GET  /load               waiting/running requests, free KV blocks (for routing)
+    GET  /debug              leak-check state (free/held/reserved blocks, fds, threads, children)
+    GET  /metrics            Prometheus text (KV transfer metrics and engine gauges)
+
+A client that disconnects from a generate stream aborts the request, which frees its KV.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from pdserve.runtime.engine_process import EngineService
+from pdserve.runtime.protocol import is_last_event
+from pdserve.serving.errors import error_response
+from pdserve.serving.event_hub import EventHub
+
+_CLIENT = b"http"
+
+
+def create_worker_app(service: EngineService, role: str) -> FastAPI:
+    hub = EventHub(service)
+    app = FastAPI(title="pdserve worker (internal API)", docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.state.hub = hub
+
+    @app.on_event("startup")
+    async def start_hub() -> None:
+        hub.start()
+
+    @app.on_event("shutdown")
+    async def stop_hub() -> None:
+        hub.stop()
+
+    @app.post("/internal/generate")
+    async def generate(request: Request) -> Any:
+        try:
+            body = await request.json()
+            request_id = str(body["request_id"])
+        except (ValueError, KeyError, TypeError):
+            return error_response("body must be a JSON object with a request_id", 400)
+        try:
+            events = hub.subscribe(request_id)
+        except ValueError as error:
+            return error_response(str(error), 409)
+        message = {"op": "generate", **{k: body[k] for k in ("request_id", "prompt", "messages", "params", "kv") if k in body}}
+        try:
+            await run_in_threadpool(service.handle, _CLIENT, message)
+        except (ValueError, TypeError, KeyError) as error:
+            hub.unsubscribe(request_id)
+            return error_response(str(error), 400)
+        return StreamingResponse(_stream(service, hub, request_id, events), media_type="application/x-ndjson")
+
+    @app.post("/internal/abort")
+    async def abort(request: Request) -> Any:
+        body = await request.json()
+        reply = await run_in_threadpool(service.handle, _CLIENT, {"op": "abort", "request_id": str(body["request_id"])})
+        return reply
+
+    @app.get("/health")
+    async def health() -> Any:
+        return {
+            "status": "ok", "role": role, "model": service.engine.model_name,
+            "kv_address": service.connector.address, "max_model_len": service.engine.max_model_len,
+        }
+
+    @app.get("/load")
+    async def load() -> Any:
+        return await run_in_threadpool(service.handle, _CLIENT, {"op": "stats"})
+
+    @app.get("/debug")
+    async def debug() -> Any:
+        return await run_in_threadpool(service.handle, _CLIENT, {"op": "debug"})
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        return PlainTextResponse(generate_latest(service.connector.metrics.registry).decode())
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        return error_response(f"internal error: {error}", 500)
+
+    return app
+
+
+async def _stream(
+    service: EngineService, hub: EventHub, request_id: str, events: Any
+) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        while True:
+            event = await events.get()
+            yield (json.dumps(event) + "\n").encode()
+            if is_last_event(event):
+                finished = True
+                return
+    finally:
+        hub.unsubscribe(request_id)
+        if not finished:  # the client went away: free the request's KV on this worker
+            await run_in_threadpool(service.handle, _CLIENT, {"op": "abort", "request_id": request_id})

@@ -1,0 +1,228 @@
+"""`pdserve serve` end to end: real router and worker processes on loopback, the official
+`openai` client, answers checked against Hugging Face's greedy output."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import psutil
+import pytest
+from hf_reference import reference_greedy
+
+from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS
+from pdserve.engine.loader import Checkpoint
+
+NEW_TOKENS = 24
+REFERENCE_TOKENS = 48  # the parity tests' length, so their cached references are reused
+GREEDY = {"temperature": 0, "max_tokens": NEW_TOKENS, "extra_body": {"ignore_eos": True}}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Server:
+    """`pdserve serve ...` as a child process, stopped (and checked for orphans) at the end."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.cli", "serve", "--dtype", "float32", "--port", str(self.port),
+             "--kv-memory-mb", "256", *flags],
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, f"serve exited with {self.process.returncode}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "serve was not ready within 120 s"
+            time.sleep(0.5)
+        self.workers = [w["url"] for w in httpx.get(f"{self.url}/health").json()["workers"]]
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        self.model = self.client.models.list().data[0].id
+
+    def stop(self) -> None:
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(30)
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"orphaned worker processes: {alive}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    running = Server()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated() -> Iterator[Server]:
+    running = Server("--colocated")
+    yield running
+    running.stop()
+
+
+def reference_text(checkpoint: Checkpoint, prompt_ids: list[int]) -> str:
+    reference = reference_greedy(prompt_ids, REFERENCE_TOKENS)
+    return checkpoint.tokenizer.decode(reference.token_ids[:NEW_TOKENS])
+
+
+def chat_ids(checkpoint: Checkpoint) -> list[int]:
+    text = checkpoint.tokenizer.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True)
+    return checkpoint.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_completions_equal_the_reference(server: Server, checkpoint: Checkpoint) -> None:
+    for prompt in TEXT_PROMPTS[:3]:
+        response = server.client.completions.create(model=server.model, prompt=prompt, **GREEDY)
+        ids = checkpoint.tokenizer.encode(prompt)
+        assert response.choices[0].text == reference_text(checkpoint, ids), prompt
+        assert response.choices[0].finish_reason == "length"
+        assert response.usage is not None
+        assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(ids), NEW_TOKENS)
+
+
+def test_chat_completion_equals_the_reference(server: Server, checkpoint: Checkpoint) -> None:
+    response = server.client.chat.completions.create(model=server.model, messages=CHAT_MESSAGES, **GREEDY)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == reference_text(checkpoint, chat_ids(checkpoint))
+    assert response.usage is not None and response.usage.prompt_tokens == len(chat_ids(checkpoint))
+
+
+def test_streaming_yields_the_same_text_and_usage(server: Server) -> None:
+    whole = server.client.chat.completions.create(model=server.model, messages=CHAT_MESSAGES, **GREEDY)
+    stream = server.client.chat.completions.create(
+        model=server.model, messages=CHAT_MESSAGES, stream=True, stream_options={"include_usage": True}, **GREEDY
+    )
+    text, finish, usage, roles = "", None, None, set()
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            roles.add(choice.delta.role)
+            finish = choice.finish_reason or finish
+    assert text == whole.choices[0].message.content
+    assert finish == "length" and "assistant" in roles
+    assert usage is not None and usage.completion_tokens == NEW_TOKENS
+    assert usage.prompt_tokens == whole.usage.prompt_tokens  # type: ignore[union-attr]
+    pieces = [c.choices[0].text for c in server.client.completions.create(
+        model=server.model, prompt=TEXT_PROMPTS[0], stream=True, **GREEDY) if c.choices]
+    assert "".join(pieces) == server.client.completions.create(
+        model=server.model, prompt=TEXT_PROMPTS[0], **GREEDY).choices[0].text
+
+
+def test_stop_strings_and_max_tokens_are_honoured(server: Server) -> None:
+    full = server.client.completions.create(model=server.model, prompt="The capital of France is", **GREEDY)
+    text = full.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = server.client.completions.create(model=server.model, prompt="The capital of France is", stop=[stop], **GREEDY)
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    short = server.client.completions.create(
+        model=server.model, prompt="The capital of France is", temperature=0, max_tokens=3
+    )
+    assert short.usage is not None and short.usage.completion_tokens <= 3
+
+
+def test_seeded_n2_is_reproducible(server: Server) -> None:
+    def sample() -> list[str]:
+        response = server.client.completions.create(
+            model=server.model, prompt="Once upon a time", max_tokens=12, temperature=0.9, n=2, seed=1234
+        )
+        assert [c.index for c in response.choices] == [0, 1]
+        return [c.text for c in response.choices]
+
+    first = sample()
+    assert sample() == first
+    assert first[0] != first[1], "two seeded choices should differ"
+
+
+def test_colocated_mode_gives_the_same_tokens(server: Server, colocated: Server) -> None:
+    for prompt in TEXT_PROMPTS[:2]:
+        split = server.client.completions.create(model=server.model, prompt=prompt, **GREEDY)
+        together = colocated.client.completions.create(model=colocated.model, prompt=prompt, **GREEDY)
+        assert together.choices[0].text == split.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": "MODEL", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+        ({"model": "MODEL", "prompt": "hi", "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "MODEL", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"model": "MODEL", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": "MODEL", "prompt": ""}, 400, "empty"),
+        ({"model": "MODEL", "prompt": [7] * 9000}, 400, "context"),
+        ({"model": "no-such-model", "prompt": "hi"}, 404, "does not exist"),
+        ({"prompt": "hi"}, 400, "model"),
+        ({"model": "MODEL", "prompt": [10**9]}, 400, "out of range"),
+    ],
+    ids=["negative-max-tokens", "huge-max-tokens", "negative-temperature", "wrong-type", "empty-prompt",
+         "over-context", "unknown-model", "no-model", "bad-token-id"],
+)
+def test_bad_input_is_a_4xx_with_an_openai_error(server: Server, body: dict, status: int, needle: str) -> None:
+    body = {k: (server.model if v == "MODEL" else v) for k, v in body.items()}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert needle in error["message"] and error["type"]
+
+
+def test_malformed_json_is_a_400(server: Server) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and "error" in response.json()
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": server.model, "messages": []})
+    assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
+
+
+def test_a_router_with_an_api_key_refuses_other_keys(server: Server) -> None:
+    port = free_port()
+    router = subprocess.Popen([
+        sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--api-key", "sesame",
+        "--both", *server.workers[-1:],
+    ])
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+        assert right.completions.create(model=server.model, prompt="Hi", max_tokens=2).choices
+    finally:
+        router.terminate()
+        router.wait(10)
+
+
+def test_no_kv_blocks_leak_on_any_worker(server: Server) -> None:
+    deadline = time.monotonic() + 15
+    for url in server.workers:
+        while True:
+            state = httpx.get(f"{url}/debug").json()
+            idle = state["num_free_blocks"] == state["num_blocks"] and state["num_held_kv"] == 0
+            if idle or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert idle, f"{url}: {state}"
