@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -11,13 +12,16 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import hypothesis
 import openai
 import psutil
 import pytest
+import schemathesis
 from hf_reference import reference_greedy
 
 from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS
 from pdserve.engine.loader import Checkpoint
+from pdserve.serving.router import RouterConfig, create_router_app
 
 NEW_TOKENS = 24
 REFERENCE_TOKENS = 48  # the parity tests' length, so their cached references are reused
@@ -214,6 +218,49 @@ def test_a_router_with_an_api_key_refuses_other_keys(server: Server) -> None:
     finally:
         router.terminate()
         router.wait(10)
+
+
+FUZZ_SCHEMA = schemathesis.openapi.from_dict(
+    create_router_app(RouterConfig(both=("http://127.0.0.1:9",))).openapi()
+)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_fuzzed_invalid_requests_get_a_4xx_never_a_5xx(server: Server, path: str) -> None:
+    """Bodies generated from the OpenAPI schema to violate it (schemathesis, bounded)."""
+    strategy = FUZZ_SCHEMA[path]["POST"].as_strategy(generation_mode=schemathesis.GenerationMode.NEGATIVE)
+
+    @hypothesis.given(case=strategy)
+    @hypothesis.settings(max_examples=40, deadline=None, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    def check(case: schemathesis.Case) -> None:
+        response = case.call(base_url=server.url, timeout=60)
+        assert 400 <= response.status_code < 500, (case.body, response.status_code, response.text)
+        assert "error" in response.json()
+
+    check()
+
+
+def test_64_concurrent_streams_all_complete(server: Server) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    async def one(number: int) -> tuple[str, str | None]:
+        stream = await client.completions.create(
+            model=server.model, prompt=f"Story {number}: once upon a time", max_tokens=8, temperature=0,
+            stream=True, extra_body={"ignore_eos": True},
+        )
+        text, finish = "", None
+        async for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+        return text, finish
+
+    async def everyone() -> list[tuple[str, str | None]]:
+        return await asyncio.wait_for(asyncio.gather(*(one(n) for n in range(64))), timeout=240)
+
+    results = asyncio.run(everyone())
+    assert all(finish == "length" and text for text, finish in results), results
 
 
 def test_no_kv_blocks_leak_on_any_worker(server: Server) -> None:

@@ -23,6 +23,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shared secret for KV pulls (default: $PDSERVE_KV_SECRET)")
     parser.add_argument("--kv-lease-ttl", type=float, default=10.0, help="seconds offered KV waits to be pulled")
     parser.add_argument("--kv-timeout", type=float, default=30.0, help="deadline of one KV transfer, seconds")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds to let running requests finish before exiting")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies (used by serve)")
 
 

@@ -9,7 +9,10 @@ prefill worker, the decode worker prefills itself. The router holds no model and
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,12 +23,19 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdserve.serving.errors import APIError, error_response
+from pdserve.serving.errors import APIError, error_body, error_response
 from pdserve.serving.openai_format import StreamState, completion_body
 from pdserve.serving.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.serving.router_metrics import RouterMetrics
 from pdserve.serving.worker_pool import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+HEALTH_INTERVAL = 2.0
+"""Seconds between health checks: a failing worker is ejected, a recovered one re-admitted."""
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,29 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         async with httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout, connect=5.0)) as client:
             app.state.client = client
             await pool.refresh(client)
-            yield
+            checker = asyncio.create_task(_check_health(pool, client))
+            try:
+                yield
+            finally:
+                checker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checker
 
     app = FastAPI(title="pdserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API of a disaggregated (prefill/decode) LLM server.")
     app.state.pool = pool
+    app.state.metrics = metrics = RouterMetrics()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        if request.url.path.startswith("/v1/"):
+            metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        return PlainTextResponse(generate_latest(metrics.registry).decode())
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, error: APIError) -> JSONResponse:
@@ -63,6 +91,10 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", 400, where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return error_response(str(error.detail), error.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:
@@ -99,6 +131,12 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     return app
 
 
+async def _check_health(pool: WorkerPool, client: httpx.AsyncClient) -> None:
+    while True:
+        await asyncio.sleep(HEALTH_INTERVAL)
+        await pool.refresh(client)
+
+
 def _authorize(request: Request, config: RouterConfig) -> None:
     if config.api_key is None:
         return
@@ -122,7 +160,9 @@ async def _serve(
                        param="max_tokens")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     params = body.sampling_params(max_tokens)
-    events = _run(client, pool, config, request_id, prompt, params)
+    metrics: RouterMetrics = app.state.metrics
+    started = time.monotonic()
+    events = _timed(_run(client, pool, config, request_id, prompt, params, metrics), metrics, started)
     created = int(time.time())
     if not body.stream:
         last: dict[str, Any] | None = None
@@ -138,15 +178,32 @@ async def _serve(
         last = first
         for line in state.chunks(first):
             yield line
-        async for event in events:
-            last = event
-            for line in state.chunks(event):
-                yield line
+        try:
+            async for event in events:
+                last = event
+                for line in state.chunks(event):
+                    yield line
+        except APIError as error:  # tokens were sent already: end the stream with the error
+            yield f"data: {json.dumps(error_body(error.message, error.status))}\n\n"
+            yield "data: [DONE]\n\n"
+            return
         if include_usage:
             yield state.usage_chunk(last)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
+
+
+async def _timed(
+    events: AsyncIterator[dict[str, Any]], metrics: RouterMetrics, started: float
+) -> AsyncIterator[dict[str, Any]]:
+    first = True
+    async for event in events:
+        if first:
+            metrics.time_to_first_token.observe(time.monotonic() - started)
+            first = False
+        yield event
+    metrics.request_seconds.observe(time.monotonic() - started)
 
 
 async def _first(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
@@ -157,32 +214,66 @@ async def _first(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
 
 async def _run(
     client: httpx.AsyncClient, pool: WorkerPool, config: RouterConfig, request_id: str,
-    prompt: dict[str, Any], params: dict[str, Any],
+    prompt: dict[str, Any], params: dict[str, Any], metrics: RouterMetrics,
 ) -> AsyncIterator[dict[str, Any]]:
-    """The request's output events, from whichever workers serve it."""
-    prefill, decode = pool.pick("prefill"), pool.pick("decode")
-    if prefill is not None and decode is not None:
-        prefilled = None
-        async for event in _worker_events(client, prefill, {"request_id": request_id, **prompt, "params": params,
-                                                              "kv": {"mode": "offer"}}):
-            prefilled = event
-        if prefilled is None or prefilled.get("event") != "prefilled":
-            raise APIError(f"prefill failed: {prefilled}", 503, retry_after=1)
-        kv = {"mode": "pull", "address": prefilled["kv_address"], "kv_cache_id": request_id}
-        if config.kv_backend:
-            kv["backend"] = config.kv_backend
-        body = {"request_id": request_id, "prompt": prefilled["prompt_token_ids"], "params": params, "kv": kv}
-        worker: Worker = decode
-    else:
-        local = decode or pool.pick("both")
-        if local is None:
-            raise APIError("no decode worker is available", 503, retry_after=5)
-        body, worker = {"request_id": request_id, **prompt, "params": params}, local
-    async for event in _worker_events(client, worker, body):
-        if event.get("event") == "output":
-            yield event
-        elif event.get("event") == "error":
-            raise APIError(str(event.get("message")), int(event.get("status", 503)))
+    """The request's output events, from whichever workers serve it.
+
+    Degrades instead of failing: with no live prefill worker (or one that fails), the decode
+    worker prefills itself; a decode worker that fails before any token was streamed is
+    replaced by another one, which prefills locally.
+    """
+    local = {"request_id": request_id, **prompt, "params": params}
+    first_try = local
+    decode = pool.pick("decode", "both")
+    if decode is None:
+        raise APIError("no decode worker is available", 503, retry_after=5)
+    prefill = pool.pick("prefill") if decode.role == "decode" else None
+    if prefill is not None:
+        prefilled = await _prefill(client, prefill, {**local, "kv": {"mode": "offer"}})
+        if prefilled is not None:
+            kv = {"mode": "pull", "address": prefilled["kv_address"], "kv_cache_id": request_id}
+            if config.kv_backend:
+                kv["backend"] = config.kv_backend
+            local = {**local, "prompt": prefilled["prompt_token_ids"]}
+            local.pop("messages", None)
+            first_try = {**local, "kv": kv}
+        else:
+            metrics.degraded.labels("decode_side_prefill").inc()
+    tried: set[str] = set()
+    body = first_try
+    while True:
+        tried.add(decode.url)
+        streamed = False
+        try:
+            async for event in _worker_events(client, decode, body):
+                if event.get("event") == "output":
+                    streamed = True
+                    yield event
+                elif event.get("event") == "error":
+                    raise APIError(str(event.get("message")), int(event.get("status", 503)))
+            return
+        except APIError as error:
+            replacement = pool.pick_other("decode", "both", exclude=tried)
+            if streamed or error.status < 500 or replacement is None:
+                raise
+            log.warning("retrying %s on %s after: %s", request_id, replacement.url, error.message)
+            metrics.degraded.labels("decode_retry").inc()
+            decode, body = replacement, local
+
+
+async def _prefill(client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``prefilled`` event, or None when the prefill worker failed (the decode side prefills)."""
+    try:
+        async for event in _worker_events(client, worker, body):
+            if event.get("event") == "prefilled":
+                return event
+            if event.get("event") == "error":
+                raise APIError(str(event.get("message")), int(event.get("status", 503)))
+    except APIError as error:
+        if error.status < 500:
+            raise
+        log.warning("prefill on %s failed, prefilling on the decode worker: %s", worker.url, error.message)
+    return None
 
 
 async def _worker_events(client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -55,7 +56,11 @@ def run_serve(args: argparse.Namespace) -> int:
         base = f"http://{args.host}:{args.port}"
         log(f"ready in {time.monotonic() - started:.1f} s: {base}/v1 ({'colocated' if args.colocated else 'disaggregated'})")
         print(_usage(base, args.api_key), file=sys.stderr, flush=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _exit_cleanly)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C / SIGTERM, re-raised by uvicorn after it stopped
         return 0
     except RuntimeError as error:
         log(f"error: {error}")
@@ -63,6 +68,10 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         log("stopping workers")
         group.stop()
+
+
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _usage(base: str, api_key: str | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 
 import torch
 import uvicorn
@@ -68,8 +69,18 @@ def run_worker(args: argparse.Namespace) -> int:
         "ready: role %s, model %s, %d torch threads, KV server %s",
         args.role, engine.model_name, torch.get_num_threads(), service.connector.address,
     )
+    # uvicorn re-raises the signal that stopped it once it has drained; exit through Python so
+    # that the engine is closed (its shared-memory KV pool unlinked) rather than killed outright.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=args.drain_timeout)
+    except KeyboardInterrupt:
+        pass
     finally:
         service.close()
     return 0
+
+
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise SystemExit(0)

@@ -47,6 +47,14 @@ class WorkerPool:
                 return candidates[next(self._turns[role]) % len(candidates)]
         return None
 
+    def pick_other(self, *roles: str, exclude: set[str]) -> Worker | None:
+        """A healthy worker of ``roles`` whose URL is not in ``exclude`` (for a retry), or None."""
+        for role in roles:
+            candidates = [w for w in self.workers if w.healthy and w.role == role and w.url not in exclude]
+            if candidates:
+                return candidates[next(self._turns[role]) % len(candidates)]
+        return None
+
     def model_names(self) -> list[str]:
         return sorted({str(w.info["model"]) for w in self.workers if w.healthy and "model" in w.info})
 

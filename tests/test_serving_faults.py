@@ -1,0 +1,97 @@
+"""Workers dying under `pdserve serve` (one prefill and two decode workers sharing the cores):
+streams end cleanly, later requests still complete, and live workers leak no KV."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import psutil
+import pytest
+from test_serving import Server
+
+PROMPT = "Write a long story about a lighthouse keeper."
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    running = Server("--decode", "2")
+    yield running
+    running.stop()
+
+
+def worker_pid(server: Server, url: str) -> int:
+    port = url.rsplit(":", 1)[1]
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        if "--port" in child.cmdline() and child.cmdline()[child.cmdline().index("--port") + 1] == port:
+            return child.pid
+    raise LookupError(url)
+
+
+def roles(server: Server) -> dict[str, list[str]]:
+    workers = httpx.get(f"{server.url}/health").json()["workers"]
+    result: dict[str, list[str]] = {}
+    for worker in workers:
+        result.setdefault(worker["role"], []).append(worker["url"])
+    return result
+
+
+def complete(server: Server, max_tokens: int = 8) -> str:
+    response = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
+    return response.choices[0].text
+
+
+def assert_no_leaks(urls: list[str]) -> None:
+    deadline = time.monotonic() + 15
+    for url in urls:
+        while True:
+            state = httpx.get(f"{url}/debug", timeout=5).json()
+            idle = state["num_free_blocks"] == state["num_blocks"] and state["num_held_kv"] == 0 \
+                and state["num_reserved_kv"] == 0 and state["num_running"] == 0
+            if idle or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert idle, f"{url} leaked: {state}"
+
+
+def test_a_decode_worker_killed_mid_stream(server: Server) -> None:
+    expected = complete(server)
+    decode_urls = roles(server)["decode"]
+    stream = server.client.completions.create(
+        model=server.model, prompt=PROMPT, max_tokens=400, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    received = ""
+    chunks = iter(stream)
+    for _ in range(3):
+        received += next(chunks).choices[0].text
+    busy = [u for u in decode_urls if httpx.get(f"{u}/load").json()["num_running"] > 0]
+    assert len(busy) == 1, busy
+    os.kill(worker_pid(server, busy[0]), signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):  # the stream ends with an error, not a hang
+        for chunk in chunks:
+            received += chunk.choices[0].text if chunk.choices else ""
+    assert time.monotonic() - started < 30
+    # New requests go to the surviving decode worker and give the same answer.
+    for _ in range(3):
+        assert complete(server) == expected
+    survivors = [u for u in decode_urls if u != busy[0]]
+    assert_no_leaks(survivors + roles(server)["prefill"])
+
+
+def test_without_a_prefill_worker_the_decode_side_prefills(server: Server) -> None:
+    expected = complete(server)
+    (prefill_url,) = roles(server)["prefill"]
+    os.kill(worker_pid(server, prefill_url), signal.SIGKILL)
+    for _ in range(2):
+        assert complete(server) == expected
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'pdserve_router_degraded_total{how="decode_side_prefill"}' in metrics
+    live = [w["url"] for w in httpx.get(f"{server.url}/health").json()["workers"] if w["healthy"]]
+    assert prefill_url not in live
+    assert_no_leaks(live)
