@@ -41,8 +41,12 @@ def roles(server: Server) -> dict[str, list[str]]:
 
 
 def complete(server: Server, max_tokens: int = 8) -> str:
-    response = server.client.completions.create(model=server.model, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
-    return response.choices[0].text
+    response = server.client.completions.create(
+        model=server.model, prompt=PROMPT, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+    )
+    text = response.choices[0].text
+    assert text and response.usage is not None and response.usage.completion_tokens == max_tokens
+    return text
 
 
 def assert_no_leaks(urls: list[str]) -> None:
@@ -95,3 +99,16 @@ def test_without_a_prefill_worker_the_decode_side_prefills(server: Server) -> No
     live = [w["url"] for w in httpx.get(f"{server.url}/health").json()["workers"] if w["healthy"]]
     assert prefill_url not in live
     assert_no_leaks(live)
+
+
+def test_the_supervisor_restarts_dead_workers(server: Server) -> None:
+    """Both workers killed above come back (after a back-off) and are re-admitted by the router."""
+    deadline = time.monotonic() + 120
+    while True:
+        workers = httpx.get(f"{server.url}/health").json()["workers"]
+        if all(w["healthy"] for w in workers) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(w["healthy"] for w in workers), workers
+    assert complete(server)
+    assert_no_leaks([w["url"] for w in workers])

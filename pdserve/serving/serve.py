@@ -34,7 +34,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model = str(resolve_model_path(args.model, show_progress=True))  # fetch once, before any worker
     cores = sorted(os.sched_getaffinity(0))
     roles = ["both"] * args.workers if args.colocated else ["prefill"] * args.prefill + ["decode"] * args.decode
-    group = ProcessGroup()
+    group = ProcessGroup(log)
     urls: dict[str, list[str]] = {"prefill": [], "decode": [], "both": []}
     try:
         for index, role in enumerate(roles):
@@ -50,6 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
             urls[role].append(url)
             log(f"starting {role} worker on core(s) {cpus}")
         group.wait_healthy(args.ready_timeout, log)
+        group.watch()
         config = RouterConfig(tuple(urls["prefill"]), tuple(urls["decode"]), tuple(urls["both"]),
                               api_key=args.api_key, kv_backend="shm")
         app = create_router_app(config)

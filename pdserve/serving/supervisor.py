@@ -1,9 +1,12 @@
-"""Starting and stopping the worker processes of one machine: deliberately thin.
+"""Starting, restarting and stopping the worker processes of one machine: deliberately thin.
 
-``ProcessGroup`` spawns commands, waits for each worker's ``/health``, and on ``stop`` sends
-SIGTERM, then SIGKILL to whatever is left. Children also get the parent-death signal, so an
-abruptly killed supervisor leaves no orphans. Multi-node deployment replaces this module (with
-Ray actors), not the workers or the router.
+``ProcessGroup`` spawns commands and waits for each worker's ``/health``. Once started, a
+watcher thread restarts a member that died, after a back-off that doubles with each quick
+death (1 s up to 30 s) and resets once a member stayed up for a minute; the router's health
+checks re-admit it when it answers again. ``stop`` sends SIGTERM, then SIGKILL to whatever is
+left. Children also get the parent-death signal, so an abruptly killed supervisor leaves no
+orphans. Multi-node deployment replaces this module (with Ray actors), not the workers or the
+router.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
+
+MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 30.0, 60.0
 
 
 @dataclass
@@ -23,17 +29,43 @@ class ManagedProcess:
     name: str
     url: str
     process: subprocess.Popen[bytes]
+    argv: list[str]
+    started: float = 0.0
+    backoff: float = MIN_BACKOFF
+    restarts: int = 0
 
 
 class ProcessGroup:
-    def __init__(self) -> None:
+    def __init__(self, log: Callable[[str], None] = lambda _message: None) -> None:
         self.members: list[ManagedProcess] = []
+        self._log = log
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def spawn(self, name: str, url: str, argv: Sequence[str]) -> ManagedProcess:
         process = subprocess.Popen([sys.executable, *argv])
-        member = ManagedProcess(name, url, process)
+        member = ManagedProcess(name, url, process, list(argv), time.monotonic())
         self.members.append(member)
         return member
+
+    def watch(self, interval: float = 0.5) -> None:
+        """Restart members that die, from a background thread, until :meth:`stop`."""
+        self._watcher = threading.Thread(target=self._watch, args=(interval,), name="supervisor", daemon=True)
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            for member in self.members:
+                if member.process.poll() is None:
+                    continue
+                uptime = time.monotonic() - member.started
+                member.backoff = MIN_BACKOFF if uptime > STABLE_AFTER else min(member.backoff * 2, MAX_BACKOFF)
+                self._log(f"{member.name} exited with {member.process.returncode}; restarting in {member.backoff:.0f} s")
+                if self._stopping.wait(member.backoff):
+                    return
+                member.process = subprocess.Popen([sys.executable, *member.argv])
+                member.started = time.monotonic()
+                member.restarts += 1
 
     def wait_healthy(self, timeout: float, log: Callable[[str], None]) -> None:
         """Block until every member answers /health; raises RuntimeError naming the laggard."""
@@ -55,6 +87,9 @@ class ProcessGroup:
                 time.sleep(0.25)
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         for member in self.members:
             if member.process.poll() is None:
                 member.process.send_signal(signal.SIGTERM)
