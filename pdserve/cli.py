@@ -150,7 +150,10 @@ def _router(args: argparse.Namespace) -> int:
 
     from pdserve.serving.router import RouterConfig, create_router_app
 
-    config = RouterConfig(tuple(args.prefill), tuple(args.decode), tuple(args.both), args.api_key, args.kv_backend)
+    config = RouterConfig(
+        tuple(args.prefill), tuple(args.decode), tuple(args.both), args.api_key, args.kv_backend,
+        routing=args.routing,
+    )
     uvicorn.run(create_router_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -263,6 +263,24 @@ def test_64_concurrent_streams_all_complete(server: Server) -> None:
     assert all(finish == "length" and text for text, finish in results), results
 
 
+def test_a_client_that_hangs_up_frees_the_request_on_every_worker(server: Server) -> None:
+    stream = server.client.completions.create(
+        model=server.model, prompt="Tell me everything about lighthouses.", max_tokens=2000, temperature=0,
+        stream=True, extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    stream.close()
+    deadline = time.monotonic() + 10
+    while True:
+        running = sum(httpx.get(f"{url}/load").json()["num_running"] for url in server.workers)
+        if running == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert running == 0, "the abandoned request kept running"
+
+
 def test_no_kv_blocks_leak_on_any_worker(server: Server) -> None:
     deadline = time.monotonic() + 15
     for url in server.workers:

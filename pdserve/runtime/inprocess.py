@@ -17,7 +17,7 @@ from typing import Any
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import Checkpoint
-from pdserve.runtime.engine_process import EngineService
+from pdserve.runtime.engine_service import EngineService
 from pdserve.runtime.protocol import is_last_event
 from pdserve.transfer.config import TransferConfig
 

@@ -38,6 +38,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY, else open)")
     parser.add_argument("--kv-backend", choices=("tcp", "shm"), default=None,
                         help="tell decode workers how to pull KV (default: their own setting)")
+    parser.add_argument("--routing", choices=("round_robin", "least_loaded"), default="round_robin",
+                        help="how the router picks a worker (default: round_robin)")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,3 +54,5 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY, else open)")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
+    parser.add_argument("--routing", choices=("round_robin", "least_loaded"), default="round_robin",
+                        help="how the router picks a worker (default: round_robin)")

@@ -14,7 +14,7 @@ import select
 import threading
 from typing import Any
 
-from pdserve.runtime.engine_process import EngineService
+from pdserve.runtime.engine_service import EngineService
 
 
 class EventHub:

@@ -15,11 +15,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,10 +49,12 @@ class RouterConfig:
     kv_backend: str | None = None
     """How decode workers pull KV ("shm" when every worker shares this host); None: their default."""
     request_timeout: float = 600.0
+    routing: str = "round_robin"
+    """Worker choice: round_robin or least_loaded (serving/worker_pool.py)."""
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
-    pool = WorkerPool(list(config.prefill), list(config.decode), list(config.both))
+    pool = WorkerPool(list(config.prefill), list(config.decode), list(config.both), config.routing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -164,13 +167,20 @@ async def _serve(
     started = time.monotonic()
     events = _timed(_run(client, pool, config, request_id, prompt, params, metrics), metrics, started)
     created = int(time.time())
+    # Every generator in the chain is closed explicitly (aclosing), so that a client that goes
+    # away closes the stream to the worker at once, and the worker aborts the request.
     if not body.stream:
         last: dict[str, Any] | None = None
-        async for event in events:
-            last = event
+        async with aclosing(events):
+            async for event in events:
+                last = event
         assert last is not None
         return completion_body(request_id, body.model, created, chat, last)
-    first = await _first(events)  # fail with a proper status before the stream starts
+    try:
+        first = await _first(events)  # fail with a proper status before the stream starts
+    except BaseException:
+        await events.aclose()
+        raise
     state = StreamState(request_id, body.model, created, chat)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -187,6 +197,11 @@ async def _serve(
             yield f"data: {json.dumps(error_body(error.message, error.status))}\n\n"
             yield "data: [DONE]\n\n"
             return
+        finally:
+            # A client that hangs up cancels this task; shielded, closing the chain still
+            # reaches the worker, which then aborts the request and frees its KV.
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
         if include_usage:
             yield state.usage_chunk(last)
         yield "data: [DONE]\n\n"
@@ -195,27 +210,29 @@ async def _serve(
 
 
 async def _timed(
-    events: AsyncIterator[dict[str, Any]], metrics: RouterMetrics, started: float
-) -> AsyncIterator[dict[str, Any]]:
+    events: AsyncGenerator[dict[str, Any], None], metrics: RouterMetrics, started: float
+) -> AsyncGenerator[dict[str, Any], None]:
     first = True
-    async for event in events:
-        if first:
-            metrics.time_to_first_token.observe(time.monotonic() - started)
-            first = False
-        yield event
+    async with aclosing(events):
+        async for event in events:
+            if first:
+                metrics.time_to_first_token.observe(time.monotonic() - started)
+                first = False
+            yield event
     metrics.request_seconds.observe(time.monotonic() - started)
 
 
-async def _first(events: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-    async for event in events:
-        return event
-    raise APIError("the worker ended the request without output", 503)
+async def _first(events: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        raise APIError("the worker ended the request without output", 503) from None
 
 
 async def _run(
     client: httpx.AsyncClient, pool: WorkerPool, config: RouterConfig, request_id: str,
     prompt: dict[str, Any], params: dict[str, Any], metrics: RouterMetrics,
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The request's output events, from whichever workers serve it.
 
     Degrades instead of failing: with no live prefill worker (or one that fails), the decode
@@ -245,12 +262,13 @@ async def _run(
         tried.add(decode.url)
         streamed = False
         try:
-            async for event in _worker_events(client, decode, body):
-                if event.get("event") == "output":
-                    streamed = True
-                    yield event
-                elif event.get("event") == "error":
-                    raise APIError(str(event.get("message")), int(event.get("status", 503)))
+            async with aclosing(_worker_events(client, decode, body)) as worker_events:
+                async for event in worker_events:
+                    if event.get("event") == "output":
+                        streamed = True
+                        yield event
+                    elif event.get("event") == "error":
+                        raise APIError(str(event.get("message")), int(event.get("status", 503)))
             return
         except APIError as error:
             replacement = pool.pick_other("decode", "both", exclude=tried)
@@ -264,11 +282,12 @@ async def _run(
 async def _prefill(client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
     """The ``prefilled`` event, or None when the prefill worker failed (the decode side prefills)."""
     try:
-        async for event in _worker_events(client, worker, body):
-            if event.get("event") == "prefilled":
-                return event
-            if event.get("event") == "error":
-                raise APIError(str(event.get("message")), int(event.get("status", 503)))
+        async with aclosing(_worker_events(client, worker, body)) as events:
+            async for event in events:
+                if event.get("event") == "prefilled":
+                    return event
+                if event.get("event") == "error":
+                    raise APIError(str(event.get("message")), int(event.get("status", 503)))
     except APIError as error:
         if error.status < 500:
             raise
@@ -276,7 +295,9 @@ async def _prefill(client: httpx.AsyncClient, worker: Worker, body: dict[str, An
     return None
 
 
-async def _worker_events(client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+async def _worker_events(
+    client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
     try:
         async with client.stream("POST", f"{worker.url}/internal/generate", json=body) as response:
             if response.status_code != 200:

@@ -17,7 +17,8 @@ import uvicorn
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.runtime.engine_process import EngineService, die_with_parent, warm_up
+from pdserve.runtime.engine_process import die_with_parent
+from pdserve.runtime.engine_service import EngineService, warm_up
 from pdserve.serving.worker_app import create_worker_app
 from pdserve.transfer.config import TransferConfig
 

@@ -17,12 +17,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from pdserve.runtime.engine_process import EngineService
+from pdserve.runtime.engine_service import EngineService
 from pdserve.runtime.protocol import is_last_event
 from pdserve.serving.errors import error_response
 from pdserve.serving.event_hub import EventHub
@@ -109,4 +110,7 @@ async def _stream(
     finally:
         hub.unsubscribe(request_id)
         if not finished:  # the client went away: free the request's KV on this worker
-            await run_in_threadpool(service.handle, _CLIENT, {"op": "abort", "request_id": request_id})
+            # Shielded: a disconnect cancels this task, and an unshielded await would be
+            # cancelled before the abort ever reached the engine.
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(service.handle, _CLIENT, {"op": "abort", "request_id": request_id})
