@@ -152,7 +152,8 @@ def _router(args: argparse.Namespace) -> int:
 
     config = RouterConfig(
         tuple(args.prefill), tuple(args.decode), tuple(args.both), args.api_key, args.kv_backend,
-        routing=args.routing,
+        routing=args.routing, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+        queue_timeout=args.queue_timeout,
     )
     uvicorn.run(create_router_app(config), host=args.host, port=args.port, log_level="warning")
     return 0

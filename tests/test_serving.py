@@ -195,29 +195,62 @@ def test_malformed_json_is_a_400(server: Server) -> None:
     assert response.status_code == 400 and "messages" in response.json()["error"]["message"]
 
 
-def test_a_router_with_an_api_key_refuses_other_keys(server: Server) -> None:
-    port = free_port()
-    router = subprocess.Popen([
-        sys.executable, "-m", "pdserve.cli", "router", "--port", str(port), "--api-key", "sesame",
-        "--both", *server.workers[-1:],
-    ])
-    try:
+class Router:
+    """A second router process in front of the server's workers, with its own options."""
+
+    def __init__(self, server: Server, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([
+            sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port), *flags,
+            "--both", *server.workers[-1:],
+        ])
         deadline = time.monotonic() + 30
         while True:
             try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
+                httpx.get(f"{self.url}/health", timeout=1)
+                return
             except httpx.HTTPError:
-                assert time.monotonic() < deadline
+                assert time.monotonic() < deadline, "router did not start"
                 time.sleep(0.2)
-        wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="guess", max_retries=0)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def test_a_router_with_an_api_key_refuses_other_keys(server: Server) -> None:
+    router = Router(server, "--api-key", "sesame")
+    try:
+        wrong = openai.OpenAI(base_url=f"{router.url}/v1", api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
-        right = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0)
+        right = openai.OpenAI(base_url=f"{router.url}/v1", api_key="sesame", max_retries=0)
         assert right.completions.create(model=server.model, prompt="Hi", max_tokens=2).choices
     finally:
-        router.terminate()
-        router.wait(10)
+        router.stop()
+
+
+def test_a_full_router_answers_503_with_retry_after(server: Server) -> None:
+    router = Router(server, "--max-concurrent", "1", "--max-queued", "0")
+    try:
+        client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
+        stream = client.completions.create(model=server.model, prompt="Hold on", max_tokens=200, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(iter(stream))  # the one slot is taken
+        busy = httpx.post(f"{router.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+        assert "capacity" in busy.json()["error"]["message"]
+        stream.close()
+        deadline = time.monotonic() + 10  # the slot frees once the abandoned stream is closed
+        while True:
+            again = httpx.post(f"{router.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2})
+            if again.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert again.status_code == 200, again.text
+    finally:
+        router.stop()
 
 
 FUZZ_SCHEMA = schemathesis.openapi.from_dict(

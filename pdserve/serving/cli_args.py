@@ -40,6 +40,11 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tell decode workers how to pull KV (default: their own setting)")
     parser.add_argument("--routing", choices=("round_robin", "least_loaded"), default="round_robin",
                         help="how the router picks a worker (default: round_robin)")
+    parser.add_argument("--max-concurrent", type=int, default=256, help="requests in flight at once (default: 256)")
+    parser.add_argument("--max-queued", type=int, default=512,
+                        help="requests waiting beyond that; more get 503 + Retry-After (default: 512)")
+    parser.add_argument("--queue-timeout", type=float, default=30.0,
+                        help="seconds a request may wait for capacity before a 503 (default: 30)")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,3 +61,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
     parser.add_argument("--routing", choices=("round_robin", "least_loaded"), default="round_robin",
                         help="how the router picks a worker (default: round_robin)")
+    parser.add_argument("--max-concurrent", type=int, default=256, help="requests in flight at once (default: 256)")
+    parser.add_argument("--max-queued", type=int, default=512,
+                        help="requests waiting beyond that; more get 503 + Retry-After (default: 512)")
+    parser.add_argument("--queue-timeout", type=float, default=30.0,
+                        help="seconds a request may wait for capacity before a 503 (default: 30)")

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.serving.admission import Admission
 from pdserve.serving.errors import APIError, error_body, error_response
 from pdserve.serving.openai_format import StreamState, completion_body
 from pdserve.serving.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -51,6 +52,10 @@ class RouterConfig:
     request_timeout: float = 600.0
     routing: str = "round_robin"
     """Worker choice: round_robin or least_loaded (serving/worker_pool.py)."""
+    max_concurrent: int = 256
+    """Requests in flight at once; more wait in a queue (serving/admission.py)."""
+    max_queued: int = 512
+    queue_timeout: float = 30.0
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
@@ -73,6 +78,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
                   description="OpenAI-compatible API of a disaggregated (prefill/decode) LLM server.")
     app.state.pool = pool
     app.state.metrics = metrics = RouterMetrics()
+    app.state.admission = Admission(config.max_concurrent, config.max_queued, config.queue_timeout)
 
     @app.middleware("http")
     async def count(request: Request, call_next: Any) -> Any:
@@ -163,6 +169,22 @@ async def _serve(
                        param="max_tokens")
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     params = body.sampling_params(max_tokens)
+    admission: Admission = app.state.admission
+    await admission.acquire()  # released when the response is complete (or abandoned)
+    try:
+        response = await _respond(app, config, body, prompt, params, request_id, chat, admission)
+    except BaseException:
+        admission.release()
+        raise
+    return response
+
+
+async def _respond(
+    app: FastAPI, config: RouterConfig, body: SamplingFields, prompt: dict[str, Any], params: dict[str, Any],
+    request_id: str, chat: bool, admission: Admission,
+) -> Any:
+    pool: WorkerPool = app.state.pool
+    client: httpx.AsyncClient = app.state.client
     metrics: RouterMetrics = app.state.metrics
     started = time.monotonic()
     events = _timed(_run(client, pool, config, request_id, prompt, params, metrics), metrics, started)
@@ -175,6 +197,7 @@ async def _serve(
             async for event in events:
                 last = event
         assert last is not None
+        admission.release()
         return completion_body(request_id, body.model, created, chat, last)
     try:
         first = await _first(events)  # fail with a proper status before the stream starts
@@ -186,9 +209,9 @@ async def _serve(
 
     async def stream() -> AsyncIterator[str]:
         last = first
-        for line in state.chunks(first):
-            yield line
         try:
+            for line in state.chunks(first):
+                yield line
             async for event in events:
                 last = event
                 for line in state.chunks(event):
@@ -202,6 +225,7 @@ async def _serve(
             # reaches the worker, which then aborts the request and frees its KV.
             with anyio.CancelScope(shield=True):
                 await events.aclose()
+            admission.release()
         if include_usage:
             yield state.usage_chunk(last)
         yield "data: [DONE]\n\n"

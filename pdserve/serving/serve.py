@@ -52,7 +52,9 @@ def run_serve(args: argparse.Namespace) -> int:
         group.wait_healthy(args.ready_timeout, log)
         group.watch()
         config = RouterConfig(tuple(urls["prefill"]), tuple(urls["decode"]), tuple(urls["both"]),
-                              api_key=args.api_key, kv_backend="shm", routing=args.routing)
+                              api_key=args.api_key, kv_backend="shm", routing=args.routing,
+                              max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+                              queue_timeout=args.queue_timeout)
         app = create_router_app(config)
         base = f"http://{args.host}:{args.port}"
         log(f"ready in {time.monotonic() - started:.1f} s: {base}/v1 ({'colocated' if args.colocated else 'disaggregated'})")
