@@ -105,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     from pdserve.serving.cli_args import (
+        add_logging_arguments,
         add_router_arguments,
         add_serve_arguments,
         add_worker_arguments,
@@ -117,6 +118,7 @@ def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
         "core each) on this machine, or colocated workers with --colocated; Ctrl-C stops everything.",
     )
     add_serve_arguments(serve)
+    add_logging_arguments(serve)
     _add_model_args(serve)
     worker = commands.add_parser(
         "worker",
@@ -124,6 +126,7 @@ def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
         description="Run one engine (role prefill, decode or both) behind the internal HTTP API.",
     )
     add_worker_arguments(worker)
+    add_logging_arguments(worker)
     _add_model_args(worker)
     router = commands.add_parser(
         "router",
@@ -131,6 +134,7 @@ def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
         description="Serve /v1/completions, /v1/chat/completions and /v1/models over the given workers.",
     )
     add_router_arguments(router)
+    add_logging_arguments(router)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -148,13 +152,19 @@ def _worker(args: argparse.Namespace) -> int:
 def _router(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pdserve.serving.router import RouterConfig, create_router_app
+    from pdserve.logs import configure_logging
+    from pdserve.serving.cli_args import router_config_from_args
+    from pdserve.serving.router import create_router_app
 
-    config = RouterConfig(
-        tuple(args.prefill), tuple(args.decode), tuple(args.both), args.api_key, args.kv_backend,
-        routing=args.routing, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
-        queue_timeout=args.queue_timeout,
-    )
+    configure_logging("router", args.log_level, json_lines=not args.plain_logs)
+    try:
+        config = router_config_from_args(
+            args, prefill=tuple(args.prefill), decode=tuple(args.decode), both=tuple(args.both),
+            kv_backend=args.kv_backend, admin_key=args.admin_key,
+        )
+    except ValueError as error:
+        print(f"pdserve router: {error}", file=sys.stderr)
+        return 2
     uvicorn.run(create_router_app(config), host=args.host, port=args.port, log_level="warning")
     return 0
 

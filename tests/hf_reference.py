@@ -185,3 +185,24 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
             os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def reference_logprobs(prompt_ids: list[int], token_ids: list[int], use_cache: bool = True) -> list[float]:
+    """log_softmax of the reference model's logits at each of ``token_ids`` following
+    ``prompt_ids`` (teacher-forced: one forward over prompt + tokens), one float per token."""
+    key = json.dumps([_cache_tag(), list(prompt_ids), list(token_ids)])
+    cached = _reference_dir() / f"logprobs-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    if use_cache and cached.exists():
+        return [float(x) for x in json.loads(cached.read_text())]
+    model = load_reference_model(use_cache)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(token_ids)])).logits[0]
+        start = len(prompt_ids) - 1  # the logits at position p predict token p + 1
+        logprobs = torch.log_softmax(logits[start : start + len(token_ids)].float(), dim=-1)
+        result = [float(logprobs[i, t]) for i, t in enumerate(token_ids)]
+    if use_cache:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(result))
+        os.replace(partial, cached)
+    return result

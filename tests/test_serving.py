@@ -174,9 +174,12 @@ def test_colocated_mode_gives_the_same_tokens(server: Server, colocated: Server)
         ({"model": "no-such-model", "prompt": "hi"}, 404, "does not exist"),
         ({"prompt": "hi"}, 400, "model"),
         ({"model": "MODEL", "prompt": [10**9]}, 400, "out of range"),
+        ({"model": "MODEL", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias is not supported"),
+        ({"model": "MODEL", "prompt": "hi", "echo": True}, 400, "echo"),
+        ({"model": "MODEL", "prompt": "hi", "max_tokens": 2, "X": 1}, 400, "X is not supported"),
     ],
     ids=["negative-max-tokens", "huge-max-tokens", "negative-temperature", "wrong-type", "empty-prompt",
-         "over-context", "unknown-model", "no-model", "bad-token-id"],
+         "over-context", "unknown-model", "no-model", "bad-token-id", "unsupported-field", "echo", "unknown-field"],
 )
 def test_bad_input_is_a_4xx_with_an_openai_error(server: Server, body: dict, status: int, needle: str) -> None:
     body = {k: (server.model if v == "MODEL" else v) for k, v in body.items()}
@@ -231,7 +234,7 @@ def test_a_router_with_an_api_key_refuses_other_keys(server: Server) -> None:
         router.stop()
 
 
-def test_a_full_router_answers_503_with_retry_after(server: Server) -> None:
+def test_a_full_router_answers_429_with_retry_after(server: Server) -> None:
     router = Router(server, "--max-concurrent", "1", "--max-queued", "0")
     try:
         client = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused", max_retries=0)
@@ -239,7 +242,7 @@ def test_a_full_router_answers_503_with_retry_after(server: Server) -> None:
                                            extra_body={"ignore_eos": True})
         next(iter(stream))  # the one slot is taken
         busy = httpx.post(f"{router.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2})
-        assert busy.status_code == 503 and busy.headers["retry-after"] == "1", busy.text
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
         assert "capacity" in busy.json()["error"]["message"]
         stream.close()
         deadline = time.monotonic() + 10  # the slot frees once the abandoned stream is closed
@@ -324,3 +327,60 @@ def test_no_kv_blocks_leak_on_any_worker(server: Server) -> None:
                 break
             time.sleep(0.2)
         assert idle, f"{url}: {state}"
+
+
+# ---- logprobs ------------------------------------------------------------------------------------
+
+
+def test_completion_logprobs_equal_the_reference(server: Server, checkpoint: Checkpoint) -> None:
+    from hf_reference import reference_logprobs
+
+    from pdserve.runtime.protocol import TokenTexts
+    from pdserve.serving.openai_format import token_text_and_bytes
+
+    prompt = TEXT_PROMPTS[0]
+    response = server.client.completions.create(model=server.model, prompt=prompt, logprobs=3, **GREEDY)
+    choice = response.choices[0]
+    logprobs = choice.logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.top_logprobs
+    assert logprobs.text_offset is not None and response.usage is not None
+    assert choice.finish_reason == "length" and len(logprobs.tokens) == response.usage.completion_tokens == NEW_TOKENS
+    assert "".join(logprobs.tokens) == choice.text
+    assert all(b > a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False))
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert 3 <= len(top) <= 4 and logprob <= 0
+        assert top[token] == logprob == max(top.values())  # greedy: the sampled token is the best
+    # The same tokens as Hugging Face's greedy run, with the logprobs of its log_softmax.
+    ids = checkpoint.tokenizer.encode(prompt)
+    reference = reference_greedy(ids, REFERENCE_TOKENS).token_ids[:NEW_TOKENS]
+    texts = TokenTexts(checkpoint.tokenizer)
+    assert logprobs.tokens == [token_text_and_bytes(texts.get(t))[0] for t in reference]
+    expected = reference_logprobs(ids, reference)
+    assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-3)
+
+
+def test_chat_logprobs_streamed_equal_whole(server: Server) -> None:
+    fields = {"model": server.model, "messages": CHAT_MESSAGES, "logprobs": True, "top_logprobs": 2, **GREEDY}
+    whole = server.client.chat.completions.create(**fields)
+    assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content is not None
+    content = whole.choices[0].logprobs.content
+    assert len(content) == NEW_TOKENS and all(len(c.top_logprobs) == 2 for c in content)
+    assert bytes(b for c in content for b in c.bytes or []).decode() == whole.choices[0].message.content
+    streamed, text = [], ""
+    for chunk in server.client.chat.completions.create(**fields, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.logprobs is not None and choice.logprobs.content:
+                streamed += choice.logprobs.content
+    assert text == whole.choices[0].message.content
+    assert [(c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in streamed] == [
+        (c.token, c.bytes, [t.token for t in c.top_logprobs]) for c in content
+    ]
+    # Prefix caching may change the prompt's arithmetic a little between the two requests.
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+
+
+def test_chat_top_logprobs_without_logprobs_is_a_400(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client.chat.completions.create(model=server.model, messages=CHAT_MESSAGES, top_logprobs=2, max_tokens=4)
+    assert "top_logprobs" in str(raised.value)

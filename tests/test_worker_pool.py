@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from pdserve.engine.block_manager import hash_full_blocks
+from pdserve.serving.errors import APIError
+from pdserve.serving.kv_ledger import KVLedger
 from pdserve.serving.worker_pool import WorkerPool
 
 
@@ -41,5 +46,87 @@ def test_fallback_roles_and_unknown_policy() -> None:
     assert workers.pick("decode", "prefill") is not None
     with pytest.raises(ValueError, match="least_loaded"):
         WorkerPool(["http://p"], [], [], "random")
-    with pytest.raises(ValueError, match="at least one worker"):
-        WorkerPool([], [], [])
+    with pytest.raises(ValueError, match="unknown role"):
+        WorkerPool().add("http://x", "leader")
+
+
+def test_workers_register_and_deregister_at_run_time() -> None:
+    workers = WorkerPool()
+    assert workers.pick("decode") is None
+    added = workers.add("http://d9/", "decode")
+    assert added.url == "http://d9" and workers.pick("decode") is None, "unused until a health check passes"
+    added.healthy = True
+    assert workers.pick("decode") is added
+    with pytest.raises(ValueError, match="already registered"):
+        workers.add("http://d9", "decode")
+    with pytest.raises(ValueError, match="http://"):
+        workers.add("d8:80", "decode")
+    workers.prefix.record("http://d9", [b"h"])
+    assert workers.remove("http://d9") is added and workers.pick("decode") is None
+    assert len(workers.prefix) == 0
+    with pytest.raises(KeyError):
+        workers.remove("http://d9")
+
+
+def test_prefix_aware_sends_a_prompt_where_its_prefix_is_cached_unless_that_worker_is_swamped() -> None:
+    workers = pool("prefix_aware")
+    p0, p1 = workers.workers[:2]
+    system = list(range(64))
+    first = hash_full_blocks(system + [1, 2, 3] * 16, 16)
+    second = hash_full_blocks(system + [7, 8] * 24, 16)
+    assert first[:4] == second[:4] and first[4] != second[4]
+    workers.prefix.record(p1.url, first)
+    assert workers.pick("prefill", prefix=second) is p1  # 4 shared blocks
+    p0.load, p1.load = {"num_waiting": 0}, {"num_waiting": 10}
+    assert workers.pick("prefill", prefix=second) is p0  # too busy: least loaded wins
+    unknown = hash_full_blocks([5] * 64, 16)
+    p1.load = {"num_waiting": 0}
+    assert workers.pick("prefill", prefix=unknown) in (p0, p1)
+    workers.eject(p1)
+    assert workers.prefix.matched_blocks(p1.url, first) == 0
+
+
+def test_a_worker_with_an_open_circuit_breaker_is_skipped() -> None:
+    workers = pool("round_robin")
+    p0, p1 = workers.workers[:2]
+    for _ in range(p0.breaker.threshold):
+        p0.breaker.record_failure()
+    assert {workers.pick("prefill").url for _ in range(4)} == {p1.url}  # type: ignore[union-attr]
+    assert workers.available("prefill")
+    for _ in range(p1.breaker.threshold):
+        p1.breaker.record_failure()
+    assert workers.pick("prefill") is None and not workers.available("prefill")
+
+
+def test_the_kv_ledger_reserves_prompt_plus_max_tokens_and_waits_for_room() -> None:
+    async def scenario() -> None:
+        workers = pool("round_robin")
+        for worker in workers.workers[2:]:
+            worker.load = {"num_blocks": 10, "block_size": 16}
+        ledger = KVLedger()
+
+        def choose(fits):  # type: ignore[no-untyped-def]
+            return workers.pick("decode", fits=fits)
+
+        def available() -> bool:
+            return workers.available("decode")
+
+        taken = [await ledger.reserve(choose, available, 150, timeout=1) for _ in range(3)]  # 10 blocks each
+        assert sorted(ledger.reserved.values()) == [10, 10, 10] and all(blocks == 10 for _, blocks in taken)
+        with pytest.raises(APIError) as full:
+            await ledger.reserve(choose, available, 1, timeout=0.2)
+        assert full.value.status == 503 and full.value.retry_after
+        waiter = asyncio.create_task(ledger.reserve(choose, available, 20, timeout=5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        await ledger.release(taken[1][0].url, 10)
+        worker, blocks = await asyncio.wait_for(waiter, 1)
+        assert worker is taken[1][0] and blocks == 2
+        huge = KVLedger()
+        assert huge.blocks_for(worker, 10_000) == 10, "capped at capacity: runs alone rather than never"
+        for w in workers.workers[2:]:
+            w.healthy = False
+        with pytest.raises(APIError, match="no decode worker"):
+            await ledger.reserve(choose, available, 1, timeout=5)
+
+    asyncio.run(scenario())

@@ -52,6 +52,8 @@ class EngineStats:
     """Finished prefills whose KV is held for a transfer."""
     num_reserved_kv: int = 0
     """Requests whose blocks are reserved for KV still arriving."""
+    block_size: int = 0
+    """Tokens per KV block (what a router needs to count a request's blocks and hash its prefix)."""
 
 
 class LLMEngine:
@@ -330,6 +332,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_held_kv=len(self._held),
             num_reserved_kv=len(self._reserved),
+            block_size=bm.block_size,
         )
 
     def close(self) -> None:

@@ -224,6 +224,16 @@ class Tokenizer:
             encoding="utf-8",
         )
 
+    def to_wire(self) -> dict[str, Any]:
+        """This tokenizer as JSON-able data, for a process that holds no model (the router)."""
+        return {"tokenizer_json": self.to_hf_json(), "tokenizer_config": self._config.to_hf_json()}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Tokenizer:
+        """The inverse of :meth:`to_wire` (tokenizer.json already carries the BOS/EOS policy)."""
+        backend = RustTokenizer.from_str(str(data["tokenizer_json"]))
+        return cls(backend, TokenizerConfig.from_hf_json(data["tokenizer_config"]))
+
     def with_config(self, **changes: Any) -> Tokenizer:
         """A copy with some ``TokenizerConfig`` fields replaced (the backend is shared)."""
         return Tokenizer(self._backend, replace(self._config, **changes))

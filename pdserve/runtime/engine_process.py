@@ -26,6 +26,7 @@ import zmq
 
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.logs import configure_logging
 from pdserve.runtime.engine_service import EngineService, warm_up
 from pdserve.transfer.config import TransferConfig
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="EngineProcessConfig as JSON")
     args = parser.parse_args(argv)
     die_with_parent()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    configure_logging("engine")
     serve(EngineProcessConfig.from_json(args.config))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import torch
 
-from pdserve.engine.handoff import HandoffHeader, sampled_token_to_json
+from pdserve.engine.handoff import HandoffHeader, IncompatibleHandoffError, sampled_token_to_json
 from pdserve.engine.kv_cache import KVLayout
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.outputs import RequestOutput
@@ -133,23 +133,32 @@ class EngineService:
         prompt = self._prompt(message)
         kv = message.get("kv") or {}
         mode = kv.get("mode", "local")
+        cache_salt = message.get("cache_salt")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError("cache_salt must be a string")
         with self._lock:
             if request_id in self._clients:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._clients[request_id] = client
         try:
             if mode == "local":
-                self.loop.call(lambda e: e.add_request(prompt, params, request_id)).result(timeout=30)
+                self.loop.call(lambda e: e.add_request(prompt, params, request_id, cache_salt=cache_salt)).result(
+                    timeout=30
+                )
             elif mode == "offer":
-                self._offer(request_id, prompt, params, bool(kv.get("pipelined", False)))
+                self._offer(request_id, prompt, params, bool(kv.get("pipelined", False)), cache_salt)
             elif mode == "pull":
-                self._start_pull(request_id, prompt, params, kv)
+                self._start_pull(request_id, prompt, params, kv, cache_salt)
             else:
                 raise ValueError(f"unknown kv mode {mode!r} (local, offer or pull)")
         except BaseException:
             with self._lock:
                 self._clients.pop(request_id, None)
             raise
+        log.info("admitted", extra={
+            "request_id": request_id, "mode": mode, "max_tokens": params.max_tokens,
+            "prompt_tokens": len(prompt) if isinstance(prompt, list) else None,
+        })
         return {"request_id": request_id}
 
     def _prompt(self, message: dict[str, Any]) -> str | list[int]:
@@ -166,7 +175,9 @@ class EngineService:
             raise ValueError("prompt must be a string or a list of token ids")
         return prompt
 
-    def _offer(self, request_id: str, prompt: Any, params: SamplingParams, pipelined: bool) -> None:
+    def _offer(
+        self, request_id: str, prompt: Any, params: SamplingParams, pipelined: bool, cache_salt: str | None
+    ) -> None:
         connector = self.connector
 
         def hook(layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -175,7 +186,7 @@ class EngineService:
         def admit(engine: LLMEngine) -> None:
             engine.add_request(
                 prompt, params, request_id, prefill_only=True, hold_kv=True,
-                kv_hook=hook if pipelined else None,
+                kv_hook=hook if pipelined else None, cache_salt=cache_salt,
             )
             connector.offer(request_id, engine.handoff_header(request_id), pipelined)
             # Marked on the engine thread, before any step can finish the prefill.
@@ -184,7 +195,9 @@ class EngineService:
 
         self.loop.call(admit).result(timeout=30)
 
-    def _start_pull(self, request_id: str, prompt: Any, params: SamplingParams, kv: dict[str, Any]) -> None:
+    def _start_pull(
+        self, request_id: str, prompt: Any, params: SamplingParams, kv: dict[str, Any], cache_salt: str | None
+    ) -> None:
         self.engine.check_request(prompt, params)  # bad input fails now, not after a transfer
         address, kv_cache_id = str(kv["address"]), str(kv.get("kv_cache_id", request_id))
         receiver = self._receiver(str(kv.get("backend") or self.transfer.backend))
@@ -194,16 +207,25 @@ class EngineService:
         loop, engine = self.loop, self.engine
 
         def reserve(header: HandoffHeader) -> list[int]:
-            return loop.call(lambda e: e.reserve_kv(header, params, request_id)).result(timeout=30)
+            if isinstance(prompt, list) and list(header.prompt_token_ids) != prompt:
+                # A redeemed two-phase prefill made for another prompt: its KV would be garbage here.
+                raise IncompatibleHandoffError("the offered KV was computed for a different prompt")
+            return loop.call(lambda e: e.reserve_kv(header, params, request_id, cache_salt=cache_salt)).result(
+                timeout=30
+            )
 
         def write(table: list[int], layer: int, start: int, data: torch.Tensor) -> None:
             engine.runner.write_kv(table, data.unsqueeze(0), start=start, layers=slice(layer, layer + 1))
 
         def commit(first_tokens: list[SampledToken]) -> None:
             # Announced before the engine can emit the request's first output.
+            seconds = time.monotonic() - started
             self._emit(request_id, {
                 "event": "kv_received", "request_id": request_id,
-                "num_bytes": target.received_bytes, "seconds": time.monotonic() - started,
+                "num_bytes": target.received_bytes, "seconds": seconds,
+            })
+            log.info("KV received", extra={
+                "request_id": request_id, "bytes": target.received_bytes, "seconds": round(seconds, 4),
             })
             loop.call(lambda e: e.commit_kv(request_id, first_tokens)).result(timeout=30)
 
@@ -218,7 +240,7 @@ class EngineService:
             try:
                 receiver.pull(address, kv_cache_id, target, kv.get("codec"))
             except TransferError as error:
-                self._pull_failed(request_id, prompt, params, error, on_failure, target.aborted)
+                self._pull_failed(request_id, prompt, params, error, on_failure, target.aborted, cache_salt)
             finally:
                 with self._lock:
                     self._pulls.pop(request_id, None)
@@ -239,19 +261,23 @@ class EngineService:
 
     def _pull_failed(
         self, request_id: str, prompt: Any, params: SamplingParams, error: TransferError,
-        on_failure: str, aborted: bool,
+        on_failure: str, aborted: bool, cache_salt: str | None,
     ) -> None:
         fallback = "fail" if aborted else on_failure
+        log.warning("KV pull failed (%s): %s; fallback: %s", error.reason.value, error.detail, fallback,
+                    extra={"request_id": request_id, "reason": error.reason.value})
         self._emit(request_id, {
             "event": "kv_failed", "request_id": request_id, "reason": error.reason.value,
             "message": error.detail, "fallback": fallback,
         })
         if fallback == "recompute":
             try:
-                self.loop.call(lambda e: e.add_request(prompt, params, request_id)).result(timeout=30)
+                self.loop.call(
+                    lambda e: e.add_request(prompt, params, request_id, cache_salt=cache_salt)
+                ).result(timeout=30)
                 return
             except Exception as admit_error:
-                log.warning("recompute of %s failed: %s", request_id, admit_error)
+                log.warning("recompute failed: %s", admit_error, extra={"request_id": request_id})
                 self._emit(request_id, {
                     "event": "error", "request_id": request_id, "status": 503,
                     "message": f"KV transfer failed ({error.reason.value}) and recomputing failed: {admit_error}",
@@ -315,7 +341,7 @@ class EngineService:
                 }, finished=True)
                 return
             self.connector.withdraw(request_id)  # aborted before its KV was held
-        self._emit(request_id, output_to_json(output), finished=output.finished)
+        self._emit(request_id, output_to_json(output, self.engine.tokenizer), finished=output.finished)
 
     def _release(self, kv_cache_id: str) -> None:
         self.loop.call(lambda e: e.release_kv(kv_cache_id))
@@ -327,6 +353,11 @@ class EngineService:
                 self._clients.pop(request_id, None)
         if client is None:
             return
+        if finished:
+            log.info("finished: %s", event.get("event"), extra={
+                "request_id": request_id,
+                "output_tokens": sum(len(o.get("token_ids", ())) for o in event.get("outputs", ())),
+            })
         event["time"] = time.monotonic()  # when it happened (CLOCK_MONOTONIC is host-wide)
         self.events.put((client, event))
         os.write(self._wake_write, b"x")

@@ -2,8 +2,8 @@
 
 A request is admitted before any worker sees it — so no prefill runs for KV that no decode
 worker could take now. Beyond ``max_concurrent`` requests in flight, up to ``max_queued``
-wait (at most ``queue_timeout`` seconds); anything beyond that, or waiting longer, is
-answered 503 with ``Retry-After``.
+wait (at most ``queue_timeout`` seconds). A request that finds the queue full is answered 429
+(too many requests) with ``Retry-After``; one that waited its ``queue_timeout`` out, 503.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Admission:
     async def acquire(self) -> None:
         if self._slots.locked():
             if self.queued >= self.max_queued:
-                raise APIError("the server is at capacity; retry shortly", 503, retry_after=1)
+                raise APIError("the server is at capacity; retry shortly", 429, retry_after=1, code="too_many_requests")
             self.queued += 1
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.queue_timeout)

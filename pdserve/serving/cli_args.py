@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pdserve.serving.router import RouterConfig
 
 ROLES = ("prefill", "decode", "both")
 
@@ -28,23 +32,62 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies (used by serve)")
 
 
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plain-logs", action="store_true",
+                        help="log plain text lines instead of JSON objects (one per line, with request_id)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="(default: INFO)")
+
+
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="API address (default: loopback)")
     parser.add_argument("--port", type=int, default=8000, help="API port (default: 8000)")
     parser.add_argument("--prefill", nargs="*", default=[], metavar="URL", help="prefill workers' internal URLs")
     parser.add_argument("--decode", nargs="*", default=[], metavar="URL", help="decode workers' internal URLs")
     parser.add_argument("--both", nargs="*", default=[], metavar="URL", help="colocated workers' internal URLs")
-    parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY, else open)")
     parser.add_argument("--kv-backend", choices=("tcp", "shm"), default=None,
                         help="tell decode workers how to pull KV (default: their own setting)")
-    parser.add_argument("--routing", choices=("round_robin", "least_loaded"), default="round_robin",
+    parser.add_argument("--admin-key", default=os.environ.get("PDSERVE_ADMIN_KEY"),
+                        help="Bearer key of the /admin API that adds and removes workers at run time "
+                        "(default: $PDSERVE_ADMIN_KEY; without one, only loopback clients may use it)")
+    add_policy_arguments(parser)
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options the router of ``pdserve router`` and of ``pdserve serve`` share."""
+    parser.add_argument("--api-key", action="append", default=None, metavar="[TENANT=]KEY",
+                        help="require 'Authorization: Bearer KEY'; repeat for several keys; a key's TENANT "
+                        "gets a prefix cache of its own (default: $PDSERVE_API_KEY, comma-separated; else open)")
+    parser.add_argument("--routing", choices=("round_robin", "least_loaded", "prefix_aware"), default="round_robin",
                         help="how the router picks a worker (default: round_robin)")
+    parser.add_argument("--local-prefill-tokens", type=int, default=0, metavar="N",
+                        help="prompts whose uncached part is at most N tokens are prefilled on the decode worker, "
+                        "with no KV transfer (default: 0, always disaggregate)")
+    parser.add_argument("--kv-overcommit", type=float, default=1.0,
+                        help="decode KV blocks the router may reserve for prompt + max_tokens, as a multiple of "
+                        "the decode pool's blocks (default: 1.0: never more than fits)")
     parser.add_argument("--max-concurrent", type=int, default=256, help="requests in flight at once (default: 256)")
     parser.add_argument("--max-queued", type=int, default=512,
-                        help="requests waiting beyond that; more get 503 + Retry-After (default: 512)")
+                        help="requests waiting beyond that; more get 429 + Retry-After (default: 512)")
     parser.add_argument("--queue-timeout", type=float, default=30.0,
                         help="seconds a request may wait for capacity before a 503 (default: 30)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="longest prompt accepted (default: the model's context less one)")
+
+
+def router_config_from_args(args: argparse.Namespace, **fixed: Any) -> RouterConfig:
+    """The router's configuration from ``add_policy_arguments`` options (and ``fixed`` fields)."""
+    from pdserve.serving.api_keys import parse_api_keys
+    from pdserve.serving.router import RouterConfig
+
+    specs = args.api_key if args.api_key is not None else [os.environ.get("PDSERVE_API_KEY") or ""]
+    return RouterConfig(
+        api_keys=parse_api_keys(specs), routing=args.routing, local_prefill_tokens=args.local_prefill_tokens,
+        kv_overcommit=args.kv_overcommit, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
+        queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens, **fixed,
+    )
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,13 +99,5 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run --workers colocated (prefill+decode) workers instead: the monolithic baseline")
     parser.add_argument("--workers", type=int, default=1, help="colocated workers with --colocated (default: 1)")
     parser.add_argument("--kv-memory-mb", type=int, default=512, help="KV cache budget per worker in MiB")
-    parser.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $PDSERVE_API_KEY, else open)")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
-    parser.add_argument("--routing", choices=("round_robin", "least_loaded"), default="round_robin",
-                        help="how the router picks a worker (default: round_robin)")
-    parser.add_argument("--max-concurrent", type=int, default=256, help="requests in flight at once (default: 256)")
-    parser.add_argument("--max-queued", type=int, default=512,
-                        help="requests waiting beyond that; more get 503 + Retry-After (default: 512)")
-    parser.add_argument("--queue-timeout", type=float, default=30.0,
-                        help="seconds a request may wait for capacity before a 503 (default: 30)")
+    add_policy_arguments(parser)

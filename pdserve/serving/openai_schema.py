@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pdserve.serving.errors import APIError
 
@@ -17,11 +17,24 @@ MAX_N = 16
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
+class KVTransferParams(BaseModel):
+    """What ``POST /v1/prefill`` returned: where the prompt's KV waits, and under which id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kv_cache_id: str = Field(min_length=1, max_length=200)
+    kv_address: str = Field(min_length=1, max_length=300)
+
+
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # A field pdserve does not know is refused by name (400), never silently ignored: a client
+    # sending response_format or logit_bias must learn that they had no effect.
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -40,6 +53,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # pdserve extension, the two-phase form: redeem a prefill made by POST /v1/prefill
+    kv_transfer_params: KVTransferParams | None = None
 
     @field_validator("stop")
     @classmethod
@@ -48,6 +63,9 @@ class SamplingFields(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return value
+
+    def redeem_params(self) -> dict[str, Any] | None:
+        return None if self.kv_transfer_params is None else self.kv_transfer_params.model_dump()
 
     def sampling_params(self, max_tokens: int) -> dict[str, Any]:
         """The engine's SamplingParams fields."""
@@ -58,13 +76,19 @@ class SamplingFields(BaseModel):
             "n": self.n, "seed": self.seed, "stop": stops,
             "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty, "ignore_eos": self.ignore_eos,
+            "logprobs": self.engine_logprobs(),
         }
+
+    def engine_logprobs(self) -> int | None:
+        """The engine's ``logprobs``: None for none, else how many top alternatives per token."""
+        return None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
+    """The sampled token's logprob and the ``logprobs`` most likely alternatives, per token."""
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -79,13 +103,14 @@ class CompletionRequest(SamplingFields):
             raise APIError("prompt is empty", param="prompt")
         if self.echo or self.suffix is not None or (self.best_of not in (None, 1, self.n)):
             raise APIError("echo, suffix and best_of are not supported", param="echo")
-        if self.logprobs is not None:
-            raise APIError("logprobs are not served by the router yet", param="logprobs")
         return prompt  # type: ignore[return-value]
+
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
@@ -108,15 +133,43 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs is only allowed with logprobs: true")
+        return value
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def template_messages(self) -> list[dict[str, str]]:
-        if self.logprobs or self.top_logprobs:
-            raise APIError("logprobs are not served by the router yet", param="logprobs")
         if self.tools:
             raise APIError("tools are not supported", param="tools")
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class PrefillRequest(CompletionRequest):
+    """``POST /v1/prefill`` (pdserve extension): a completion's or a chat's fields, prefilled only.
+
+    Sampling fields matter here: the prefill samples the first token. Send the same ones (and
+    the same prompt or messages) with the completion that redeems the KV.
+    """
+
+    prompt: str | list[int] | list[str] | list[list[int]] | None = None  # type: ignore[assignment]
+    messages: list[ChatMessage] | None = None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        assert self.messages is not None
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+    def single_prompt(self) -> str | list[int]:
+        if self.prompt is None:
+            raise APIError("send a prompt or messages", param="prompt")
+        return super().single_prompt()

@@ -1,10 +1,13 @@
 """``pdserve router``: the OpenAI-compatible API in front of the workers.
 
-Per request, disaggregated: a prefill worker prefills and offers the KV (its stream ends with a
-``prefilled`` event carrying the prompt's token ids and its KV server's address); a decode
-worker pulls that KV and streams the output, which the router turns into OpenAI responses.
-Colocated (``both`` workers only): one worker does everything. With decode workers but no live
-prefill worker, the decode worker prefills itself. The router holds no model and no tokenizer.
+The router tokenizes (with the workers' own tokenizer, fetched from one of them), so it can
+count a prompt's tokens, hash its prefix blocks for prefix-aware routing, and reserve KV room
+on a decode worker before any prefill runs. Then serving/dispatch.py takes the request through
+the workers, and this module turns their events into OpenAI responses.
+
+Every request has one id: the client's ``X-Request-Id`` (or one made up here). It is sent back
+in the ``X-Request-Id`` response header, handed to every worker, and carried by every JSON log
+line about the request, on the router and on the workers.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,18 +30,30 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.engine.tokenizer import Tokenizer
 from pdserve.serving.admission import Admission
+from pdserve.serving.api_keys import ApiKey, tenant_of
+from pdserve.serving.body_limit import BodySizeLimit
+from pdserve.serving.dispatch import DispatchConfig, Dispatcher, PreparedRequest
 from pdserve.serving.errors import APIError, error_body, error_response
+from pdserve.serving.kv_ledger import KVLedger
 from pdserve.serving.openai_format import StreamState, completion_body
-from pdserve.serving.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
+from pdserve.serving.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    PrefillRequest,
+    SamplingFields,
+)
 from pdserve.serving.router_metrics import RouterMetrics
-from pdserve.serving.worker_pool import Worker, WorkerPool
+from pdserve.serving.worker_pool import ROLES, WorkerPool
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 2.0
 """Seconds between health checks: a failing worker is ejected, a recovered one re-admitted."""
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -45,21 +61,38 @@ class RouterConfig:
     prefill: tuple[str, ...] = ()
     decode: tuple[str, ...] = ()
     both: tuple[str, ...] = ()
-    api_key: str | None = None
-    """When set, every /v1 request must send ``Authorization: Bearer <api_key>``."""
+    api_keys: tuple[ApiKey, ...] = ()
+    """When any, every /v1 request must send ``Authorization: Bearer <key>``; a key's tenant
+    salts its prefix cache (serving/api_keys.py)."""
+    admin_key: str | None = None
+    """Required (as a Bearer token) by the /admin endpoints that add and remove workers; without
+    it they are open to loopback clients only."""
     kv_backend: str | None = None
     """How decode workers pull KV ("shm" when every worker shares this host); None: their default."""
     request_timeout: float = 600.0
     routing: str = "round_robin"
-    """Worker choice: round_robin or least_loaded (serving/worker_pool.py)."""
+    """Worker choice: round_robin, least_loaded or prefix_aware (serving/worker_pool.py)."""
+    local_prefill_tokens: int = 0
+    """Prompts whose uncached part is at most this many tokens are prefilled on the decode worker."""
+    kv_overcommit: float = 1.0
+    """Decode KV blocks the router may reserve, as a multiple of the pool (serving/kv_ledger.py)."""
     max_concurrent: int = 256
     """Requests in flight at once; more wait in a queue (serving/admission.py)."""
     max_queued: int = 512
     queue_timeout: float = 30.0
+    max_body_bytes: int = 4 << 20
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted (default: the model's context less one token)."""
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
-    pool = WorkerPool(list(config.prefill), list(config.decode), list(config.both), config.routing)
+    pool = WorkerPool(config.prefill, config.decode, config.both, config.routing)
+    metrics = RouterMetrics()
+    dispatcher = Dispatcher(
+        pool, KVLedger(config.kv_overcommit),
+        DispatchConfig(config.kv_backend, config.local_prefill_tokens, config.queue_timeout),
+        on_degraded=lambda how: metrics.degraded.labels(how).inc(),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,14 +110,23 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     app = FastAPI(title="pdserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API of a disaggregated (prefill/decode) LLM server.")
     app.state.pool = pool
-    app.state.metrics = metrics = RouterMetrics()
+    app.state.metrics = metrics
+    app.state.dispatcher = dispatcher
+    app.state.tokenizer = None
     app.state.admission = Admission(config.max_concurrent, config.max_queued, config.queue_timeout)
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
 
     @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Any:
+    async def request_id_and_count(request: Request, call_next: Any) -> Any:
+        sent = request.headers.get("x-request-id")
+        request.state.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
         response = await call_next(request)
+        response.headers["X-Request-Id"] = request.state.request_id
         if request.url.path.startswith("/v1/"):
             metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+            log.info("answered %d", response.status_code, extra={
+                "request_id": request.state.request_id, "path": request.url.path, "status": response.status_code,
+            })
         return response
 
     @app.get("/metrics")
@@ -99,6 +141,8 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "extra_forbidden":
+            return error_response(f"{where} is not supported by this server", 400, where, "unsupported_parameter")
         return error_response(f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", 400, where or None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -106,36 +150,93 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         return error_response(str(error.detail), error.status_code)
 
     @app.exception_handler(Exception)
-    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error", extra={"request_id": getattr(request.state, "request_id", None)})
         return error_response(f"internal error: {type(error).__name__}: {error}", 500)
 
     @app.get("/health")
     async def health() -> Any:
         await pool.refresh(app.state.client)
-        workers = [{"url": w.url, "role": w.role, "healthy": w.healthy} for w in pool.workers]
-        status = 200 if pool.pick("decode", "both") else 503
+        workers = [w.summary() for w in pool.workers]
+        status = 200 if pool.available("decode", "both") else 503
         return JSONResponse({"status": "ok" if status == 200 else "unavailable", "workers": workers}, status_code=status)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
-        _authorize(request, config)
+        tenant_of(config.api_keys, request.headers.get("authorization"))
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "pdserve"} for name in pool.model_names()
         ]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        _authorize(request, config)
+        tenant = tenant_of(config.api_keys, request.headers.get("authorization"))
         prompt = body.single_prompt()
-        max_tokens = body.max_tokens if body.max_tokens is not None else pool.max_model_len()
-        return await _serve(app, config, body, {"prompt": prompt}, max_tokens, chat=False)
+        await _check_model(app, body.model)
+        tokenizer = await _tokenizer(app)
+        ids = await run_in_threadpool(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        return await _serve(app, config, request, body, ids, body.max_tokens, tenant, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        _authorize(request, config)
+        tenant = tenant_of(config.api_keys, request.headers.get("authorization"))
         messages = body.template_messages()
-        max_tokens = body.requested_max_tokens() or pool.max_model_len()
-        return await _serve(app, config, body, {"messages": messages}, max_tokens, chat=True)
+        await _check_model(app, body.model)
+        ids = await run_in_threadpool(_chat_ids, await _tokenizer(app), messages)
+        return await _serve(app, config, request, body, ids, body.requested_max_tokens(), tenant, chat=True)
+
+    @app.post("/v1/prefill")
+    async def prefill(body: PrefillRequest, request: Request) -> Any:
+        """pdserve extension, the two-phase form: prefill now, redeem the KV in a later completion
+        (``kv_transfer_params`` in its body) on any decode worker, within the prefill worker's lease."""
+        tenant = tenant_of(config.api_keys, request.headers.get("authorization"))
+        await _check_model(app, body.model)
+        tokenizer = await _tokenizer(app)
+        if body.messages is not None:
+            ids = await run_in_threadpool(_chat_ids, tokenizer, body.template_messages())
+        else:
+            prompt = body.single_prompt()
+            ids = await run_in_threadpool(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = _max_tokens(app, config, ids, body.max_tokens)
+        prepared = PreparedRequest(request.state.request_id, ids, body.sampling_params(max_tokens), tenant)
+        async with app.state.admission.slot():
+            prefilled = await dispatcher.prefill_only(app.state.client, prepared)
+        return {
+            "id": prepared.request_id, "object": "prefill", "model": body.model,
+            "kv_transfer_params": {"kv_cache_id": prefilled["kv_cache_id"], "kv_address": prefilled["kv_address"]},
+            "usage": {"prompt_tokens": prefilled["num_prompt_tokens"],
+                      "cached_tokens": prefilled.get("num_cached_tokens", 0)},
+        }
+
+    @app.get("/admin/workers")
+    async def list_workers(request: Request) -> Any:
+        _authorize_admin(request, config)
+        return {"workers": [w.summary() for w in pool.workers]}
+
+    @app.post("/admin/workers")
+    async def add_worker(request: Request) -> Any:
+        """Register a worker at run time: {"url": "http://host:port", "role": "prefill|decode|both"}."""
+        _authorize_admin(request, config)
+        body = await _json_object(request)
+        try:
+            worker = pool.add(str(body.get("url", "")), str(body.get("role", "")))
+        except ValueError as error:
+            raise APIError(str(error), param="url") from None
+        await pool.refresh(app.state.client)
+        log.info("registered %s worker %s", worker.role, worker.url)
+        return JSONResponse(worker.summary(), status_code=201)
+
+    @app.delete("/admin/workers")
+    async def remove_worker(request: Request) -> Any:
+        """Deregister a worker: {"url": ...}; requests it is serving finish, no new ones go there."""
+        _authorize_admin(request, config)
+        body = await _json_object(request)
+        try:
+            worker = pool.remove(str(body.get("url", "")))
+        except KeyError:
+            raise APIError(f"no worker {body.get('url')!r} is registered", 404, param="url") from None
+        log.info("deregistered %s worker %s", worker.role, worker.url)
+        return worker.summary()
 
     return app
 
@@ -146,33 +247,85 @@ async def _check_health(pool: WorkerPool, client: httpx.AsyncClient) -> None:
         await pool.refresh(client)
 
 
-def _authorize(request: Request, config: RouterConfig) -> None:
-    if config.api_key is None:
+def _authorize_admin(request: Request, config: RouterConfig) -> None:
+    if config.admin_key is None:
+        if request.client is None or not request.client.host.startswith("127."):
+            raise APIError("the admin API is open to loopback clients only (set --admin-key)", 403)
         return
-    if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-        raise APIError("invalid API key", 401, code="invalid_api_key")
+    tenant_of((ApiKey(config.admin_key, "admin"),), request.headers.get("authorization"))
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise APIError("the body must be a JSON object")
+    return body
+
+
+async def _check_model(app: FastAPI, model: str) -> None:
+    pool: WorkerPool = app.state.pool
+    if model not in pool.model_names():
+        await pool.refresh(app.state.client)
+        if model not in pool.model_names():
+            raise APIError(f"the model {model!r} does not exist; this server serves {pool.model_names()}",
+                           404, param="model", code="model_not_found")
+
+
+async def _tokenizer(app: FastAPI) -> Tokenizer:
+    """The workers' tokenizer, fetched once from a healthy worker."""
+    if app.state.tokenizer is None:
+        pool: WorkerPool = app.state.pool
+        for worker in [w for w in pool.workers if w.healthy]:
+            try:
+                response = await app.state.client.get(f"{worker.url}/internal/tokenizer", timeout=30.0)
+                response.raise_for_status()
+                app.state.tokenizer = await run_in_threadpool(Tokenizer.from_wire, response.json())
+                break
+            except (httpx.HTTPError, ValueError, KeyError) as error:
+                log.warning("could not fetch the tokenizer from %s: %s", worker.url, error)
+        if app.state.tokenizer is None:
+            raise APIError("no worker is available to tokenize the prompt", 503, retry_after=5)
+    return app.state.tokenizer
+
+
+def _chat_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    # The template writes special tokens as text; do not add them a second time.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _max_tokens(app: FastAPI, config: RouterConfig, ids: list[int], requested: int | None) -> int:
+    """Check the prompt's length; the output budget (default: the rest of the context)."""
+    context = app.state.pool.max_model_len()
+    limit = min(config.max_prompt_tokens or context - 1, context - 1)
+    if not ids:
+        raise APIError("prompt is empty", param="prompt")
+    if len(ids) > limit:
+        raise APIError(f"the prompt is {len(ids)} tokens, more than the {limit} this server accepts "
+                       f"(the model's context is {context})", param="prompt", code="context_length_exceeded")
+    if requested is None:
+        return context - len(ids)
+    if requested > context:
+        raise APIError(f"max_tokens is {requested}, more than the model's context of {context} tokens",
+                       param="max_tokens")
+    return requested
 
 
 async def _serve(
-    app: FastAPI, config: RouterConfig, body: SamplingFields, prompt: dict[str, Any], max_tokens: int, chat: bool,
+    app: FastAPI, config: RouterConfig, request: Request, body: SamplingFields, ids: list[int],
+    requested_max_tokens: int | None, tenant: str | None, chat: bool,
 ) -> Any:
-    pool: WorkerPool = app.state.pool
-    client: httpx.AsyncClient = app.state.client
-    if body.model not in pool.model_names():
-        await pool.refresh(client)
-        if body.model not in pool.model_names():
-            raise APIError(f"the model {body.model!r} does not exist; this server serves {pool.model_names()}",
-                           404, param="model", code="model_not_found")
-    context = pool.max_model_len()
-    if max_tokens > context:
-        raise APIError(f"max_tokens is {max_tokens}, more than the model's context of {context} tokens",
-                       param="max_tokens")
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    params = body.sampling_params(max_tokens)
+    max_tokens = _max_tokens(app, config, ids, requested_max_tokens)
+    prepared = PreparedRequest(request.state.request_id, ids, body.sampling_params(max_tokens), tenant,
+                               redeem=body.redeem_params())
     admission: Admission = app.state.admission
+    queued = time.monotonic()
     await admission.acquire()  # released when the response is complete (or abandoned)
     try:
-        response = await _respond(app, config, body, prompt, params, request_id, chat, admission)
+        response = await _respond(app, body, prepared, chat, admission, time.monotonic() - queued)
     except BaseException:
         admission.release()
         raise
@@ -180,15 +333,15 @@ async def _serve(
 
 
 async def _respond(
-    app: FastAPI, config: RouterConfig, body: SamplingFields, prompt: dict[str, Any], params: dict[str, Any],
-    request_id: str, chat: bool, admission: Admission,
+    app: FastAPI, body: SamplingFields, prepared: PreparedRequest, chat: bool, admission: Admission,
+    queue_seconds: float,
 ) -> Any:
-    pool: WorkerPool = app.state.pool
-    client: httpx.AsyncClient = app.state.client
     metrics: RouterMetrics = app.state.metrics
+    dispatcher: Dispatcher = app.state.dispatcher
     started = time.monotonic()
-    events = _timed(_run(client, pool, config, request_id, prompt, params, metrics), metrics, started)
+    events = _timed(dispatcher.run(app.state.client, prepared), metrics, started)
     created = int(time.time())
+    response_id = f"{'chatcmpl' if chat else 'cmpl'}-{prepared.request_id}"
     # Every generator in the chain is closed explicitly (aclosing), so that a client that goes
     # away closes the stream to the worker at once, and the worker aborts the request.
     if not body.stream:
@@ -198,13 +351,13 @@ async def _respond(
                 last = event
         assert last is not None
         admission.release()
-        return completion_body(request_id, body.model, created, chat, last)
+        return completion_body(response_id, body.model, created, chat, last)
     try:
         first = await _first(events)  # fail with a proper status before the stream starts
     except BaseException:
         await events.aclose()
         raise
-    state = StreamState(request_id, body.model, created, chat)
+    state = StreamState(response_id, body.model, created, chat)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def stream() -> AsyncIterator[str]:
@@ -253,92 +406,4 @@ async def _first(events: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]
         raise APIError("the worker ended the request without output", 503) from None
 
 
-async def _run(
-    client: httpx.AsyncClient, pool: WorkerPool, config: RouterConfig, request_id: str,
-    prompt: dict[str, Any], params: dict[str, Any], metrics: RouterMetrics,
-) -> AsyncGenerator[dict[str, Any], None]:
-    """The request's output events, from whichever workers serve it.
-
-    Degrades instead of failing: with no live prefill worker (or one that fails), the decode
-    worker prefills itself; a decode worker that fails before any token was streamed is
-    replaced by another one, which prefills locally.
-    """
-    local = {"request_id": request_id, **prompt, "params": params}
-    first_try = local
-    decode = pool.pick("decode", "both")
-    if decode is None:
-        raise APIError("no decode worker is available", 503, retry_after=5)
-    prefill = pool.pick("prefill") if decode.role == "decode" else None
-    if prefill is not None:
-        prefilled = await _prefill(client, prefill, {**local, "kv": {"mode": "offer"}})
-        if prefilled is not None:
-            kv = {"mode": "pull", "address": prefilled["kv_address"], "kv_cache_id": request_id}
-            if config.kv_backend:
-                kv["backend"] = config.kv_backend
-            local = {**local, "prompt": prefilled["prompt_token_ids"]}
-            local.pop("messages", None)
-            first_try = {**local, "kv": kv}
-        else:
-            metrics.degraded.labels("decode_side_prefill").inc()
-    tried: set[str] = set()
-    body = first_try
-    while True:
-        tried.add(decode.url)
-        streamed = False
-        try:
-            async with aclosing(_worker_events(client, decode, body)) as worker_events:
-                async for event in worker_events:
-                    if event.get("event") == "output":
-                        streamed = True
-                        yield event
-                    elif event.get("event") == "error":
-                        raise APIError(str(event.get("message")), int(event.get("status", 503)))
-            return
-        except APIError as error:
-            replacement = pool.pick_other("decode", "both", exclude=tried)
-            if streamed or error.status < 500 or replacement is None:
-                raise
-            log.warning("retrying %s on %s after: %s", request_id, replacement.url, error.message)
-            metrics.degraded.labels("decode_retry").inc()
-            decode, body = replacement, local
-
-
-async def _prefill(client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``prefilled`` event, or None when the prefill worker failed (the decode side prefills)."""
-    try:
-        async with aclosing(_worker_events(client, worker, body)) as events:
-            async for event in events:
-                if event.get("event") == "prefilled":
-                    return event
-                if event.get("event") == "error":
-                    raise APIError(str(event.get("message")), int(event.get("status", 503)))
-    except APIError as error:
-        if error.status < 500:
-            raise
-        log.warning("prefill on %s failed, prefilling on the decode worker: %s", worker.url, error.message)
-    return None
-
-
-async def _worker_events(
-    client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]
-) -> AsyncGenerator[dict[str, Any], None]:
-    try:
-        async with client.stream("POST", f"{worker.url}/internal/generate", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise _worker_error(response)
-            async for line in response.aiter_lines():
-                if line:
-                    yield json.loads(line)
-    except httpx.HTTPError as error:
-        worker.healthy = False
-        raise APIError(f"worker {worker.url} failed: {error}", 503, retry_after=1) from None
-
-
-def _worker_error(response: httpx.Response) -> APIError:
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    status = response.status_code if 400 <= response.status_code < 500 else 503
-    return APIError(message, status)
+__all__ = ["ROLES", "RouterConfig", "create_router_app"]

@@ -16,7 +16,9 @@ import time
 import uvicorn
 
 from pdserve.engine.loader import resolve_model_path
-from pdserve.serving.router import RouterConfig, create_router_app
+from pdserve.logs import configure_logging
+from pdserve.serving.cli_args import router_config_from_args
+from pdserve.serving.router import create_router_app
 from pdserve.serving.supervisor import ProcessGroup
 
 
@@ -31,6 +33,12 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"[serve {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     started = time.monotonic()
+    configure_logging("router", args.log_level, json_lines=not args.plain_logs)
+    try:
+        router_config_from_args(args)  # bad options fail now, before any worker starts
+    except ValueError as error:
+        log(f"error: {error}")
+        return 2
     model = str(resolve_model_path(args.model, show_progress=True))  # fetch once, before any worker
     cores = sorted(os.sched_getaffinity(0))
     roles = ["both"] * args.workers if args.colocated else ["prefill"] * args.prefill + ["decode"] * args.decode
@@ -45,20 +53,21 @@ def run_serve(args: argparse.Namespace) -> int:
                 "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
                 "--model", model, "--dtype", args.dtype, "--weight-format", args.weight_format,
                 "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
+                "--log-level", args.log_level, *(["--plain-logs"] if args.plain_logs else []),
             ]
             group.spawn(f"{role} worker {index}", url, argv)
             urls[role].append(url)
             log(f"starting {role} worker on core(s) {cpus}")
         group.wait_healthy(args.ready_timeout, log)
         group.watch()
-        config = RouterConfig(tuple(urls["prefill"]), tuple(urls["decode"]), tuple(urls["both"]),
-                              api_key=args.api_key, kv_backend="shm", routing=args.routing,
-                              max_concurrent=args.max_concurrent, max_queued=args.max_queued,
-                              queue_timeout=args.queue_timeout)
+        config = router_config_from_args(
+            args, prefill=tuple(urls["prefill"]), decode=tuple(urls["decode"]), both=tuple(urls["both"]),
+            kv_backend="shm",
+        )
         app = create_router_app(config)
         base = f"http://{args.host}:{args.port}"
         log(f"ready in {time.monotonic() - started:.1f} s: {base}/v1 ({'colocated' if args.colocated else 'disaggregated'})")
-        print(_usage(base, args.api_key), file=sys.stderr, flush=True)
+        print(_usage(base, config.api_keys[0].key if config.api_keys else None), file=sys.stderr, flush=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _exit_cleanly)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -17,6 +17,7 @@ import uvicorn
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.llm_engine import LLMEngine
+from pdserve.logs import configure_logging
 from pdserve.runtime.engine_process import die_with_parent
 from pdserve.runtime.engine_service import EngineService, warm_up
 from pdserve.serving.worker_app import create_worker_app
@@ -54,7 +55,7 @@ def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[En
 def run_worker(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker[{args.role}:{args.port}] %(message)s")
+    configure_logging(args.role, args.log_level, json_lines=not args.plain_logs)
     num_threads = args.threads
     if args.cpus is not None:
         cpus = parse_cpus(args.cpus)

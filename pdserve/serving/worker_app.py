@@ -3,6 +3,7 @@
     POST /internal/generate  {"request_id", "prompt" | "messages", "params", "kv"}
                              -> application/x-ndjson: the request's events (runtime/protocol.py)
     POST /internal/abort     {"request_id"}
+    GET  /internal/tokenizer the model's tokenizer (tokenizer.json + config), for the router
     GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up
     GET  /load               waiting/running requests, free KV blocks (for routing)
     GET  /debug              leak-check state (free/held/reserved blocks, fds, threads, children)
@@ -56,7 +57,7 @@ def create_worker_app(service: EngineService, role: str) -> FastAPI:
             events = hub.subscribe(request_id)
         except ValueError as error:
             return error_response(str(error), 409)
-        message = {"op": "generate", **{k: body[k] for k in ("request_id", "prompt", "messages", "params", "kv") if k in body}}
+        message = {"op": "generate", **{k: body[k] for k in ("request_id", "prompt", "messages", "params", "kv", "cache_salt") if k in body}}
         try:
             await run_in_threadpool(service.handle, _CLIENT, message)
         except (ValueError, TypeError, KeyError) as error:
@@ -76,6 +77,11 @@ def create_worker_app(service: EngineService, role: str) -> FastAPI:
             "status": "ok", "role": role, "model": service.engine.model_name,
             "kv_address": service.connector.address, "max_model_len": service.engine.max_model_len,
         }
+
+    @app.get("/internal/tokenizer")
+    async def tokenizer() -> Any:
+        """The model's tokenizer, for the router (which holds no model) to count and hash prompts."""
+        return await run_in_threadpool(service.engine.tokenizer.to_wire)
 
     @app.get("/load")
     async def load() -> Any:

@@ -1,22 +1,34 @@
 """The router's view of its workers: who serves which role, and which one gets a request.
 
-Workers are registered by URL; ``refresh`` asks each for ``/health`` (keeping the ones that
-answer) and ``/load``. Policies, chosen by name:
+Workers are registered by URL (at start, or at run time through the router's admin API);
+``refresh`` asks each for ``/health`` (keeping the ones that answer) and ``/load``. Policies,
+chosen by name:
     round_robin:  in turn.
     least_loaded: prefill: fewest queued requests; decode: fewest running + queued requests,
                   then most free KV blocks. Load is what the last refresh saw (every ~2 s) plus
                   the requests this router sent since, so a burst does not pile onto one worker.
+    prefix_aware: prefill: the worker that probably holds the longest prefix of the prompt in
+                  its cache (serving/prefix_index.py), unless it is busier than the least
+                  loaded one by more than ``max_imbalance`` requests; ties by load. Decode:
+                  least loaded.
+A worker whose circuit breaker is open (serving/circuit_breaker.py) is skipped.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-POLICIES = ("round_robin", "least_loaded")
+from pdserve.engine.block_manager import BlockHash
+from pdserve.serving.circuit_breaker import CircuitBreaker
+from pdserve.serving.prefix_index import PrefixIndex
+
+POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+ROLES = ("prefill", "decode", "both")
 
 
 @dataclass
@@ -28,6 +40,7 @@ class Worker:
     load: dict[str, Any] = field(default_factory=dict)
     """The worker's last ``/load`` (engine stats)."""
     sent_since_refresh: int = 0
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     def busyness(self) -> tuple[int, int]:
         """Smaller is less busy: (requests in flight, -free KV blocks)."""
@@ -36,48 +49,111 @@ class Worker:
             queued += int(self.load.get("num_running", 0))
         return queued, -int(self.load.get("num_free_blocks", 0))
 
+    def summary(self) -> dict[str, Any]:
+        return {"url": self.url, "role": self.role, "healthy": self.healthy, "breaker": self.breaker.state}
+
 
 class WorkerPool:
-    def __init__(self, prefill: list[str], decode: list[str], both: list[str], policy: str = "round_robin") -> None:
+    def __init__(
+        self, prefill: Sequence[str] = (), decode: Sequence[str] = (), both: Sequence[str] = (),
+        policy: str = "round_robin", max_imbalance: int = 4, breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
+    ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy = policy
-        self.workers = [Worker(u.rstrip("/"), "prefill") for u in prefill]
-        self.workers += [Worker(u.rstrip("/"), "decode") for u in decode]
-        self.workers += [Worker(u.rstrip("/"), "both") for u in both]
-        if not self.workers:
-            raise ValueError("the router needs at least one worker (--prefill/--decode or --both URLs)")
-        self._turns = {role: itertools.count() for role in ("prefill", "decode", "both")}
+        self.max_imbalance = max_imbalance
+        self.prefix = PrefixIndex()
+        self._new_breaker = breaker
+        self.workers: list[Worker] = []
+        for role, urls in (("prefill", prefill), ("decode", decode), ("both", both)):
+            for url in urls:
+                self.add(url, role)
+        self._turns = {role: itertools.count() for role in ROLES}
+
+    def add(self, url: str, role: str) -> Worker:
+        """Register a worker (not used until a refresh finds it healthy)."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; known: {', '.join(ROLES)}")
+        url = url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"a worker URL must start with http:// or https://, got {url!r}")
+        if any(w.url == url for w in self.workers):
+            raise ValueError(f"the worker {url} is already registered")
+        worker = Worker(url, role, breaker=self._new_breaker())
+        self.workers.append(worker)
+        return worker
+
+    def remove(self, url: str) -> Worker:
+        """Deregister a worker: it gets no new requests (those in flight finish)."""
+        url = url.rstrip("/")
+        for worker in self.workers:
+            if worker.url == url:
+                self.workers.remove(worker)
+                self.prefix.forget(url)
+                return worker
+        raise KeyError(url)
 
     async def refresh(self, client: httpx.AsyncClient) -> None:
-        for worker in self.workers:
+        for worker in list(self.workers):
+            was_healthy = worker.healthy
             try:
                 response = await client.get(f"{worker.url}/health", timeout=2.0)
                 worker.healthy = response.status_code == 200
                 worker.info = response.json() if worker.healthy else {}
-                if worker.healthy and self.policy == "least_loaded":
+                if worker.healthy:
                     worker.load = (await client.get(f"{worker.url}/load", timeout=2.0)).json()
                     worker.sent_since_refresh = 0
             except (httpx.HTTPError, ValueError):
                 worker.healthy = False
+            if was_healthy and not worker.healthy:
+                self.eject(worker)
 
-    def pick(self, *roles: str) -> Worker | None:
+    def eject(self, worker: Worker) -> None:
+        """``worker`` failed: no requests until a health check passes; its cache is presumed lost."""
+        worker.healthy = False
+        self.prefix.forget(worker.url)
+
+    def pick(self, *roles: str, fits: Callable[[Worker], bool] | None = None,
+             prefix: Sequence[BlockHash] = ()) -> Worker | None:
         """The healthy worker serving the first of ``roles`` that has any, by policy; or None."""
-        return self.pick_other(*roles, exclude=set())
+        return self.pick_other(*roles, exclude=set(), fits=fits, prefix=prefix)
 
-    def pick_other(self, *roles: str, exclude: set[str]) -> Worker | None:
-        """Like :meth:`pick`, leaving out the URLs in ``exclude`` (for a retry)."""
+    def pick_other(
+        self, *roles: str, exclude: set[str], fits: Callable[[Worker], bool] | None = None,
+        prefix: Sequence[BlockHash] = (),
+    ) -> Worker | None:
+        """Like :meth:`pick`, leaving out the URLs in ``exclude`` (for a retry) and the workers
+        ``fits`` refuses (no KV room)."""
         for role in roles:
-            candidates = [w for w in self.workers if w.healthy and w.role == role and w.url not in exclude]
+            candidates = [
+                w for w in self.workers
+                if w.healthy and w.role == role and w.url not in exclude and w.breaker.allows()
+                and (fits is None or fits(w))
+            ]
             if not candidates:
                 continue
-            if self.policy == "least_loaded":
-                chosen = min(candidates, key=Worker.busyness)
-            else:
-                chosen = candidates[next(self._turns[role]) % len(candidates)]
+            chosen = self._choose(role, candidates, prefix)
             chosen.sent_since_refresh += 1
+            chosen.breaker.claim()
             return chosen
         return None
+
+    def available(self, *roles: str) -> bool:
+        """Is any worker of these roles up (healthy, breaker not open)?"""
+        return any(w.healthy and w.role in roles and w.breaker.allows() for w in self.workers)
+
+    def _choose(self, role: str, candidates: list[Worker], prefix: Sequence[BlockHash]) -> Worker:
+        if self.policy == "round_robin":
+            return candidates[next(self._turns[role]) % len(candidates)]
+        least = min(candidates, key=Worker.busyness)
+        if self.policy == "least_loaded" or role != "prefill" or not prefix:
+            return least
+        best = max(candidates, key=lambda w: (self.prefix.matched_blocks(w.url, prefix), [-x for x in w.busyness()]))
+        if self.prefix.matched_blocks(best.url, prefix) == 0:
+            return least
+        if best.busyness()[0] - least.busyness()[0] > self.max_imbalance:
+            return least
+        return best
 
     def model_names(self) -> list[str]:
         return sorted({str(w.info["model"]) for w in self.workers if w.healthy and "model" in w.info})
@@ -85,3 +161,7 @@ class WorkerPool:
     def max_model_len(self) -> int:
         lengths = [int(w.info["max_model_len"]) for w in self.workers if w.healthy and "max_model_len" in w.info]
         return min(lengths) if lengths else 2048
+
+    def block_size(self) -> int:
+        sizes = [int(w.load["block_size"]) for w in self.workers if w.healthy and w.load.get("block_size")]
+        return min(sizes) if sizes else 16

@@ -142,7 +142,9 @@ class KVServer:
             num_bytes = self._send(sock, offer, str(pull.meta.get("data", "stream")), pull.meta, deadline)
             expect(recv_frame(sock, deadline), Kind.ACK)
             self.offers.end(kv_cache_id, by_server=True)
-            self.metrics.record_success("send", num_bytes, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            self.metrics.record_success("send", num_bytes, seconds)
+            log.info("KV sent", extra={"request_id": kv_cache_id, "bytes": num_bytes, "seconds": round(seconds, 4)})
         except TransferError as error:
             send_error(sock, error.reason, error.detail)
             if error.reason is FailureReason.ABORTED:
@@ -152,9 +154,9 @@ class KVServer:
             if kv_cache_id is not None:
                 self.offers.end(kv_cache_id, error, by_server=True)
                 self.metrics.failed.labels("send", error.reason.value).inc()
-            log.info("KV send %s ended: %s", kv_cache_id, error)
+            log.info("KV send failed: %s", error, extra={"request_id": kv_cache_id, "reason": error.reason.value})
         except Exception as error:  # a bug must not leak the KV or kill the server
-            log.exception("KV send %s crashed", kv_cache_id)
+            log.exception("KV send crashed", extra={"request_id": kv_cache_id})
             send_error(sock, FailureReason.PROTOCOL, f"sender error: {error}")
             if kv_cache_id is not None:
                 self.offers.end(kv_cache_id, TransferError(FailureReason.PROTOCOL, str(error)), by_server=True)

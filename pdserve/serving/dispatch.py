@@ -1,0 +1,215 @@
+"""How one request travels through the workers: reserve KV room on a decode worker, prefill
+(on a prefill worker, or locally when that is cheaper), hand the KV over, stream the decode.
+
+Degrades instead of failing:
+- no live prefill worker, or one that fails: the decode worker prefills itself;
+- a prompt whose uncached part is at most ``local_prefill_tokens``: the decode worker prefills
+  it itself, and no transfer happens (the prefix index says what its cache probably holds);
+- a decode worker that fails before any token was streamed: another one takes the request;
+- repeated KV transfer failures from one prefill worker (``kv_failed`` events) or failures of a
+  worker open that worker's circuit breaker, and requests go elsewhere until a probe succeeds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pdserve.engine.block_manager import BlockHash, hash_full_blocks
+from pdserve.serving.errors import APIError
+from pdserve.serving.kv_ledger import KVLedger
+from pdserve.serving.worker_pool import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+EventObserver = Callable[[dict[str, Any]], None]
+"""Sees every worker event of a request (prefilled, kv_received, kv_failed, output), e.g. for metrics."""
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    kv_backend: str | None = None
+    """How decode workers pull KV ("shm" when every worker shares this host); None: their default."""
+    local_prefill_tokens: int = 0
+    """A prompt whose uncached part is at most this long is prefilled on the decode worker."""
+    queue_timeout: float = 30.0
+    """Seconds a request may wait for KV room on a decode worker."""
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: dict[str, Any]
+    cache_salt: str | None = None
+    redeem: dict[str, Any] | None = None
+    """Two-phase form: {"kv_cache_id", "kv_address"} of a prefill done by ``/v1/prefill``."""
+
+    def worker_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"request_id": self.request_id, "prompt": self.prompt_ids, "params": self.params}
+        if self.cache_salt is not None:
+            body["cache_salt"] = self.cache_salt
+        return body
+
+
+class Dispatcher:
+    def __init__(self, pool: WorkerPool, ledger: KVLedger, config: DispatchConfig,
+                 on_degraded: Callable[[str], None] = lambda how: None) -> None:
+        self.pool = pool
+        self.ledger = ledger
+        self.config = config
+        self.on_degraded = on_degraded
+
+    def prefix_hashes(self, request: PreparedRequest) -> list[BlockHash]:
+        return hash_full_blocks(request.prompt_ids, self.pool.block_size(), request.cache_salt)
+
+    async def run(
+        self, client: httpx.AsyncClient, request: PreparedRequest, observe: EventObserver | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The request's ``output`` events, from whichever workers serve it."""
+        observe = observe or (lambda event: None)
+        pool = self.pool
+        num_tokens = len(request.prompt_ids) + int(request.params["max_tokens"])
+        decode, blocks = await self.ledger.reserve(
+            lambda fits: pool.pick("decode", "both", fits=fits), lambda: pool.available("decode", "both"),
+            num_tokens, self.config.queue_timeout,
+        )
+        try:
+            hashes = self.prefix_hashes(request)
+            local = request.worker_body()
+            first_try, prefill = local, None
+            if request.redeem is not None:
+                first_try = {**local, "kv": self._pull(request.redeem["kv_address"], request.redeem["kv_cache_id"])}
+            elif decode.role == "decode":
+                first_try, prefill = await self._maybe_prefill(client, request, decode, hashes, observe)
+            log.info("routed", extra={
+                "request_id": request.request_id, "decode": decode.url, "prefill": prefill.url if prefill else None,
+                "prompt_tokens": len(request.prompt_ids), "reserved_blocks": blocks,
+            })
+            tried: set[str] = set()
+            body = first_try
+            while True:
+                tried.add(decode.url)
+                streamed = False
+                try:
+                    async with aclosing(worker_events(client, decode, body)) as events:
+                        async for event in events:
+                            observe(event)
+                            kind = event.get("event")
+                            if kind == "output":
+                                streamed = True
+                                yield event
+                            elif kind == "kv_received" and prefill is not None:
+                                prefill.breaker.record_success()
+                            elif kind == "kv_failed" and prefill is not None:
+                                prefill.breaker.record_failure()  # failures towards that peer
+                                self.on_degraded("kv_transfer_failed")
+                            elif kind == "error":
+                                raise APIError(str(event.get("message")), int(event.get("status", 503)))
+                    decode.breaker.record_success()
+                    pool.prefix.record(decode.url, hashes)
+                    return
+                except APIError as error:
+                    if error.status >= 500:
+                        decode.breaker.record_failure()
+                    replacement = pool.pick_other("decode", "both", exclude=tried)
+                    if streamed or error.status < 500 or replacement is None:
+                        raise
+                    log.warning("retrying on %s after: %s", replacement.url, error.message,
+                                extra={"request_id": request.request_id})
+                    self.on_degraded("decode_retry")
+                    await self.ledger.move(decode.url, replacement, blocks)
+                    decode, body, prefill = replacement, local, None
+        finally:
+            await self.ledger.release(decode.url, blocks)
+
+    async def prefill_only(
+        self, client: httpx.AsyncClient, request: PreparedRequest, observe: EventObserver | None = None,
+    ) -> dict[str, Any]:
+        """Two-phase form, first phase: the ``prefilled`` event of a prefill whose KV is offered."""
+        prefill = self.pool.pick("prefill", "both", prefix=self.prefix_hashes(request))
+        if prefill is None:
+            raise APIError("no prefill worker is available", 503, retry_after=5)
+        prefilled = await self._prefill(client, prefill, {**request.worker_body(), "kv": {"mode": "offer"}})
+        if prefilled is None:
+            raise APIError(f"the prefill on {prefill.url} failed", 503, retry_after=1)
+        (observe or (lambda event: None))(prefilled)
+        self.pool.prefix.record(prefill.url, self.prefix_hashes(request))
+        return prefilled
+
+    async def _maybe_prefill(
+        self, client: httpx.AsyncClient, request: PreparedRequest, decode: Worker, hashes: list[BlockHash],
+        observe: EventObserver,
+    ) -> tuple[dict[str, Any], Worker | None]:
+        """The decode worker's first body (pull the KV from a prefill worker, or prefill locally)."""
+        local = request.worker_body()
+        cached = self.pool.prefix.matched_blocks(decode.url, hashes) * self.pool.block_size()
+        if len(request.prompt_ids) - cached <= self.config.local_prefill_tokens:
+            self.on_degraded("local_prefill_below_threshold")
+            return local, None
+        prefill = self.pool.pick("prefill", prefix=hashes)
+        if prefill is None:
+            self.on_degraded("decode_side_prefill")
+            return local, None
+        prefilled = await self._prefill(client, prefill, {**local, "kv": {"mode": "offer"}})
+        if prefilled is None:
+            prefill.breaker.record_failure()
+            self.on_degraded("decode_side_prefill")
+            return local, None
+        observe(prefilled)
+        self.pool.prefix.record(prefill.url, hashes)
+        return {**local, "kv": self._pull(prefilled["kv_address"], request.request_id)}, prefill
+
+    def _pull(self, address: str, kv_cache_id: str) -> dict[str, Any]:
+        kv = {"mode": "pull", "address": address, "kv_cache_id": kv_cache_id}
+        if self.config.kv_backend:
+            kv["backend"] = self.config.kv_backend
+        return kv
+
+    async def _prefill(self, client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The ``prefilled`` event, or None when the prefill worker failed (the decode side prefills)."""
+        try:
+            async with aclosing(worker_events(client, worker, body)) as events:
+                async for event in events:
+                    if event.get("event") == "prefilled":
+                        return event
+                    if event.get("event") == "error":
+                        raise APIError(str(event.get("message")), int(event.get("status", 503)))
+        except APIError as error:
+            if error.status < 500:
+                raise
+            log.warning("prefill on %s failed, prefilling on the decode worker: %s", worker.url, error.message,
+                        extra={"request_id": body.get("request_id")})
+        return None
+
+
+async def worker_events(
+    client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]
+) -> AsyncGenerator[dict[str, Any], None]:
+    """A worker's NDJSON event stream for one request (errors become APIError)."""
+    try:
+        async with client.stream("POST", f"{worker.url}/internal/generate", json=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise _worker_error(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield json.loads(line)
+    except httpx.HTTPError as error:
+        worker.healthy = False
+        raise APIError(f"worker {worker.url} failed: {error}", 503, retry_after=1) from None
+
+
+def _worker_error(response: httpx.Response) -> APIError:
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    status = response.status_code if 400 <= response.status_code < 500 else 503
+    return APIError(message, status)

@@ -1,0 +1,295 @@
+"""The router's policies against real worker processes on loopback: request ids through the JSON
+logs, tenants and their prefix caches, prefix-aware routing, the two-phase API, local prefill
+under a threshold, KV-block back-pressure, limits, and workers added and removed at run time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+SYSTEM = "You are a careful assistant who answers questions about geography in one short sentence. " * 4
+GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Process:
+    """A `pdserve` command as a child process, its stderr (JSON log lines) in a file."""
+
+    def __init__(self, log_dir: Path, name: str, *argv: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"{name}.log"
+        self.log_file = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.cli", *argv, "--port", str(self.port)], stderr=self.log_file,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"{self.log_path.name} exited: {self.log_path.read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"{self.log_path.name} not ready"
+            time.sleep(0.3)
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(line))
+        return lines
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+
+
+class Workers:
+    def __init__(self, log_dir: Path) -> None:
+        common = ("--dtype", "float32", "--kv-memory-mb", "64", "--kv-backend", "tcp", "--drain-timeout", "2",
+                  "--kv-lease-ttl", "3")  # unredeemed /v1/prefill offers of earlier tests expire fast
+        self.log_dir = log_dir
+        self.prefill = [Process(log_dir, f"prefill{i}", "worker", "--role", "prefill", "--cpus", str(i), *common)
+                        for i in range(2)]
+        self.decode = Process(log_dir, "decode", "worker", "--role", "decode", "--cpus", "1", *common)
+        for worker in (*self.prefill, self.decode):
+            worker.wait_ready()
+        self.routers: list[Process] = []
+
+    def router(self, *flags: str, prefill: int = 2, decode: bool = True) -> Process:
+        urls = [w.url for w in self.prefill[:prefill]]
+        argv = ["router", *flags]
+        if urls:
+            argv += ["--prefill", *urls]
+        if decode:
+            argv += ["--decode", self.decode.url]
+        router = Process(self.log_dir, f"router{len(self.routers)}", *argv)
+        self.routers.append(router)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{router.url}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert router.process.poll() is None and time.monotonic() < deadline, router.log_path.read_text()
+                time.sleep(0.2)
+        return router
+
+    def stop(self) -> None:
+        for process in (*self.routers, *self.prefill, self.decode):
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    running = Workers(tmp_path_factory.mktemp("router-logs"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def client(router: Process, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{router.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def model(router: Process, key: str = "unused") -> str:
+    return str(client(router, key).models.list().data[0].id)
+
+
+def prefill(router: Process, prompt: str, key: str = "unused", **fields: object) -> dict:
+    response = httpx.post(
+        f"{router.url}/v1/prefill", headers={"Authorization": f"Bearer {key}"},
+        json={"model": model(router, key), "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+              **fields},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def metric(router: Process, name: str, label: str = "") -> float:
+    for line in httpx.get(f"{router.url}/metrics").text.splitlines():
+        if line.startswith(name) and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def offers_settled(url: str) -> bool:
+    state = httpx.get(f"{url}/debug", timeout=5).json()
+    return bool(state["num_offers"] == 0 and state["num_held_kv"] == 0 and state["num_running"] == 0)
+
+
+def test_one_request_id_runs_through_every_log_line_and_the_response(workers: Workers) -> None:
+    router = workers.router()
+    response = httpx.post(
+        f"{router.url}/v1/completions", headers={"X-Request-Id": "trace-42"},
+        json={"model": model(router), "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
+    assert response.status_code == 200 and response.headers["x-request-id"] == "trace-42"
+    assert response.json()["id"] == "cmpl-trace-42"
+    made_up = httpx.post(f"{router.url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+    assert made_up.status_code == 404 and len(made_up.headers["x-request-id"]) == 32
+
+    def traced(process: Process) -> list[dict]:
+        return [line for line in process.log_lines() if line.get("request_id") == "trace-42"]
+
+    assert wait_for(lambda: any(line["message"] == "KV sent" for w in workers.prefill for line in traced(w)))
+    assert {line["message"] for line in traced(router)} >= {"routed", "answered 200"}
+    assert {line["message"] for line in traced(workers.decode)} >= {"admitted", "KV received", "finished: output"}
+    assert {"admitted", "KV sent"} <= {line["message"] for w in workers.prefill for line in traced(w)}
+    for line in traced(router) + traced(workers.decode):
+        assert {"time", "level", "component", "logger", "message"} <= set(line)
+
+
+def test_prefix_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it(workers: Workers) -> None:
+    router = workers.router("--routing", "prefix_aware")
+    cached = [prefill(router, f"{SYSTEM} Question {i}: where is Lima?")["usage"]["cached_tokens"] for i in range(4)]
+    assert cached[0] == 0 and all(c >= 32 for c in cached[1:]), cached
+    spread = workers.router("--routing", "round_robin")
+    cached = [prefill(spread, f"{SYSTEM} Query {i}: where is Oslo?")["usage"]["cached_tokens"] for i in range(2)]
+    assert cached[1] == 0, "round robin sent the second prompt to the other worker, which had nothing cached"
+
+
+def test_tenants_never_share_prefix_cache_blocks(workers: Workers) -> None:
+    router = workers.router("--routing", "prefix_aware", "--api-key", "alpha=key-a", "--api-key", "beta=key-b")
+    prompt = f"{SYSTEM} Where is Quito?"
+    assert prefill(router, prompt, key="key-a")["usage"]["cached_tokens"] == 0
+    assert prefill(router, prompt, key="key-a")["usage"]["cached_tokens"] > 0
+    assert prefill(router, prompt, key="key-b")["usage"]["cached_tokens"] == 0, "tenant beta hit alpha's blocks"
+    with pytest.raises(openai.AuthenticationError):
+        client(router, "key-c").models.list()
+
+
+def test_the_two_phase_form_prefill_then_redeem_gives_the_one_shot_answer(workers: Workers) -> None:
+    router = workers.router()
+    assert wait_for(lambda: all(offers_settled(w.url) for w in workers.prefill), 10)
+    prompt = "Write the numbers from one to ten:"
+    one_shot = client(router).completions.create(model=model(router), prompt=prompt, **GREEDY).choices[0].text
+    prefilled = prefill(router, prompt)
+    params = prefilled["kv_transfer_params"]
+    assert params["kv_cache_id"] == prefilled["id"] and params["kv_address"]
+    assert not all(offers_settled(w.url) for w in workers.prefill), "the KV waits to be redeemed"
+    redeemed = client(router).completions.create(
+        model=model(router), prompt=prompt, temperature=0, max_tokens=6,
+        extra_body={"ignore_eos": True, "kv_transfer_params": params},
+    )
+    assert redeemed.choices[0].text == one_shot
+    assert wait_for(lambda: all(offers_settled(w.url) for w in workers.prefill), 5), "the offer was not consumed"
+    decode_lines = [line for line in workers.decode.log_lines() if line.get("request_id") == redeemed.id[5:]]
+    assert any(line["message"] == "KV received" for line in decode_lines), decode_lines
+
+
+def test_short_uncached_prompts_are_prefilled_on_the_decode_worker(workers: Workers) -> None:
+    router = workers.router("--local-prefill-tokens", "16")
+    short = client(router).completions.create(model=model(router), prompt="Hello there", **GREEDY)
+    long = client(router).completions.create(model=model(router), prompt=f"{SYSTEM} Where is Rome?", **GREEDY)
+    assert short.choices[0].text and long.choices[0].text
+    assert metric(router, "pdserve_router_degraded_total", "local_prefill_below_threshold") == 1
+    routed = [line for line in router.log_lines() if line["message"] == "routed"]
+    assert [line["prefill"] is None for line in routed] == [True, False]
+
+
+def test_no_prefill_runs_when_no_decode_worker_has_kv_room(workers: Workers) -> None:
+    # Overcommit 0.01 leaves room for about one request's blocks on the decode worker.
+    router = workers.router("--kv-overcommit", "0.01", "--queue-timeout", "1")
+    stream = client(router).completions.create(
+        model=model(router), prompt="Count slowly:", max_tokens=300, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    next(iter(stream))
+    admitted_before = sum(line["message"] == "admitted" for w in workers.prefill for line in w.log_lines())
+    with pytest.raises(openai.APIStatusError) as refused:
+        client(router).completions.create(model=model(router), prompt="Hi", max_tokens=2)
+    assert refused.value.status_code == 503 and "KV room" in refused.value.message
+    assert refused.value.response.headers["retry-after"]
+    admitted_after = sum(line["message"] == "admitted" for w in workers.prefill for line in w.log_lines())
+    assert admitted_after == admitted_before, "a prefill ran for KV no decode worker could take"
+    stream.close()
+    assert wait_for(lambda: offers_settled(workers.decode.url))
+    assert client(router).completions.create(model=model(router), prompt="Hi", max_tokens=2).choices
+
+
+def test_limits_on_body_size_and_prompt_length(workers: Workers) -> None:
+    router = workers.router("--max-body-bytes", "2000", "--max-prompt-tokens", "20")
+    name = model(router)
+    big = httpx.post(f"{router.url}/v1/completions", json={"model": name, "prompt": "x" * 5000}, timeout=30)
+    assert big.status_code == 413 and "larger than 2000 bytes" in big.json()["error"]["message"]
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"model": "' + name.encode() + b'", "prompt": "'
+        for _ in range(10):
+            yield b"y" * 500
+        yield b'"}'
+
+    chunked = httpx.post(f"{router.url}/v1/completions", content=chunks(), timeout=30,
+                         headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    with pytest.raises(openai.BadRequestError) as long:
+        client(router).completions.create(model=name, prompt="word " * 40, max_tokens=2)
+    assert long.value.body["param"] == "prompt" and "20" in long.value.message  # type: ignore[index]
+
+
+def test_workers_are_added_and_removed_at_run_time(workers: Workers) -> None:
+    router = workers.router("--admin-key", "root", prefill=0)
+    admin = {"Authorization": "Bearer root"}
+    assert httpx.get(f"{router.url}/admin/workers").status_code == 401
+    name = model(router)
+    before = client(router).completions.create(model=name, prompt="Hi", max_tokens=3, temperature=0)
+    assert [line["prefill"] for line in router.log_lines() if line["message"] == "routed"] == [None]
+    added = httpx.post(f"{router.url}/admin/workers", headers=admin,
+                       json={"url": workers.prefill[0].url, "role": "prefill"})
+    assert added.status_code == 201 and added.json()["healthy"], added.text
+    after = client(router).completions.create(model=name, prompt="Hi", max_tokens=3, temperature=0)
+    assert after.choices[0].text == before.choices[0].text
+    routed = [line["prefill"] for line in router.log_lines() if line["message"] == "routed"]
+    assert routed[-1] == workers.prefill[0].url
+    bad = httpx.post(f"{router.url}/admin/workers", headers=admin, json={"url": "nowhere", "role": "prefill"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "url"
+    removed = httpx.request("DELETE", f"{router.url}/admin/workers", headers=admin,
+                            json={"url": workers.prefill[0].url})
+    assert removed.status_code == 200
+    assert [w["url"] for w in httpx.get(f"{router.url}/admin/workers", headers=admin).json()["workers"]] == [
+        workers.decode.url
+    ]
+    client(router).completions.create(model=name, prompt="Hi", max_tokens=3, temperature=0)
+    routed = [line["prefill"] for line in router.log_lines() if line["message"] == "routed"]
+    assert routed[-1] is None
+    gone = httpx.request("DELETE", f"{router.url}/admin/workers", headers=admin, json={"url": workers.prefill[0].url})
+    assert gone.status_code == 404
