@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +99,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also run the shaped-link experiment (veth pair + tc tbf in a network namespace; needs root)",
     )
     transfer_bench.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions (a smoke run)")
+    from pdserve.bench.load.command import add_serve_bench_arguments
+
+    serve_bench = bench_commands.add_parser(
+        "serve",
+        help="load an OpenAI-compatible endpoint: TTFT, TPOT, ITL, throughput, goodput under SLOs",
+        description="Send a bounded load (open loop at --rate, or closed loop at --concurrency) of a named "
+        "workload to any OpenAI-compatible server (pdserve or a peer), streaming and timing every token; "
+        "SLOs are calibrated on the unloaded target first (3x its TTFT of the median prompt, 3x its "
+        "TPOT) unless given. Writes JSON (every request) and a Markdown report.",
+    )
+    add_serve_bench_arguments(serve_bench)
+    report = bench_commands.add_parser("report", help="re-render a load run's Markdown report from its JSON")
+    report.add_argument("run", type=Path, help="a RUN.json written by `pdserve bench serve`")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
     _add_serving_parsers(commands)
     return parser
@@ -160,7 +174,7 @@ def _router(args: argparse.Namespace) -> int:
     try:
         config = router_config_from_args(
             args, prefill=tuple(args.prefill), decode=tuple(args.decode), both=tuple(args.both),
-            kv_backend=args.kv_backend, admin_key=args.admin_key,
+            kv_backend=args.kv_backend, admin_key=args.admin_key, worker_secret=args.worker_secret,
         )
     except ValueError as error:
         print(f"pdserve router: {error}", file=sys.stderr)
@@ -197,7 +211,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from pdserve.engine.export import export_hf_dir
     from pdserve.engine.loader import load_checkpoint
@@ -209,6 +222,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench_command in ("serve", "report"):
+        from pdserve.bench.load.command import run_report, run_serve_bench
+
+        return run_serve_bench(args) if args.bench_command == "serve" else run_report(args)
     if args.bench_command == "transfer":
         from pdserve.bench.transfer import run_transfer_benchmark
 

@@ -53,3 +53,7 @@ def configure_logging(component: str, level: str = "INFO", json_lines: bool = Tr
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # One line per HTTP call between router and workers (health checks every 2 s) drowns the
+    # lines that matter; their failures surface as our own warnings.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))

@@ -17,6 +17,8 @@ import httpx
 import openai
 import pytest
 
+from pdserve.transfer.fault_proxy import Fault, FaultProxy
+
 SYSTEM = "You are a careful assistant who answers questions about geography in one short sentence. " * 4
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
@@ -70,21 +72,39 @@ class Process:
         self.log_file.close()
 
 
+SECRET = "s3cret"
+AUTH = {"Authorization": f"Bearer {SECRET}"}
+
+
 class Workers:
+    """Two prefill workers and a decode worker. The second prefill worker advertises its KV server
+    through a fault proxy (pass-through until a test injects a fault); the decode worker guards
+    its internal API with a secret and gives up on a silent KV link after 2 s."""
+
     def __init__(self, log_dir: Path) -> None:
         common = ("--dtype", "float32", "--kv-memory-mb", "64", "--kv-backend", "tcp", "--drain-timeout", "2",
                   "--kv-lease-ttl", "3")  # unredeemed /v1/prefill offers of earlier tests expire fast
         self.log_dir = log_dir
-        self.prefill = [Process(log_dir, f"prefill{i}", "worker", "--role", "prefill", "--cpus", str(i), *common)
-                        for i in range(2)]
-        self.decode = Process(log_dir, "decode", "worker", "--role", "decode", "--cpus", "1", *common)
-        for worker in (*self.prefill, self.decode):
+        kv_port = free_port()
+        self.proxy = FaultProxy(("127.0.0.1", kv_port)).__enter__()
+        advertised = f"{self.proxy.address[0]}:{self.proxy.address[1]}"
+        self.prefill = [
+            Process(log_dir, "prefill0", "worker", "--role", "prefill", "--cpus", "0", *common),
+            Process(log_dir, "prefill1", "worker", "--role", "prefill", "--cpus", "1", *common,
+                    "--kv-port", str(kv_port), "--kv-advertise", advertised),
+        ]
+        self.decode = Process(log_dir, "decode", "worker", "--role", "decode", "--cpus", "1", *common,
+                              "--kv-io-timeout", "2", "--internal-secret", SECRET)
+        # A colocated worker for mixed mode; the last test drains it with SIGTERM.
+        self.both = Process(log_dir, "both", "worker", "--role", "both", "--cpus", "0", *common,
+                            "--drain-timeout", "60")
+        for worker in (*self.prefill, self.decode, self.both):
             worker.wait_ready()
         self.routers: list[Process] = []
 
-    def router(self, *flags: str, prefill: int = 2, decode: bool = True) -> Process:
-        urls = [w.url for w in self.prefill[:prefill]]
-        argv = ["router", *flags]
+    def router(self, *flags: str, prefill: list[Process] | None = None, decode: bool = True) -> Process:
+        urls = [w.url for w in (self.prefill if prefill is None else prefill)]
+        argv = ["router", "--worker-secret", SECRET, *flags]
         if urls:
             argv += ["--prefill", *urls]
         if decode:
@@ -102,8 +122,10 @@ class Workers:
         return router
 
     def stop(self) -> None:
-        for process in (*self.routers, *self.prefill, self.decode):
-            process.stop()
+        for process in (*self.routers, *self.prefill, self.decode, self.both):
+            if process.process.poll() is None:
+                process.stop()
+        self.proxy.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +173,7 @@ def wait_for(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyp
 
 
 def offers_settled(url: str) -> bool:
-    state = httpx.get(f"{url}/debug", timeout=5).json()
+    state = httpx.get(f"{url}/debug", timeout=5, headers=AUTH).json()
     return bool(state["num_offers"] == 0 and state["num_held_kv"] == 0 and state["num_running"] == 0)
 
 
@@ -267,7 +289,7 @@ def test_limits_on_body_size_and_prompt_length(workers: Workers) -> None:
 
 
 def test_workers_are_added_and_removed_at_run_time(workers: Workers) -> None:
-    router = workers.router("--admin-key", "root", prefill=0)
+    router = workers.router("--admin-key", "root", prefill=[])
     admin = {"Authorization": "Bearer root"}
     assert httpx.get(f"{router.url}/admin/workers").status_code == 401
     name = model(router)
@@ -293,3 +315,126 @@ def test_workers_are_added_and_removed_at_run_time(workers: Workers) -> None:
     assert routed[-1] is None
     gone = httpx.request("DELETE", f"{router.url}/admin/workers", headers=admin, json={"url": workers.prefill[0].url})
     assert gone.status_code == 404
+
+
+def scrape(url: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_the_internal_api_off_the_router_needs_the_secret(workers: Workers) -> None:
+    decode = workers.decode.url
+    assert httpx.get(f"{decode}/health").status_code == 200, "health stays open for probes"
+    refused = httpx.post(f"{decode}/internal/generate", json={"request_id": "x", "prompt": [1, 2]})
+    assert refused.status_code == 401 and "secret" in refused.json()["error"]["message"]
+    assert httpx.get(f"{decode}/load").status_code == 401
+    assert httpx.get(f"{decode}/load", headers=AUTH).status_code == 200
+
+
+def test_router_and_workers_export_latency_metrics(workers: Workers) -> None:
+    router = workers.router(prefill=workers.prefill[:1])
+    for _ in range(2):
+        chunks = list(client(router).completions.create(model=model(router), prompt="Once upon a time", stream=True,
+                                                        **GREEDY))
+        assert chunks
+    ours = scrape(router.url)
+    assert ours["pdserve_router_time_to_first_token_seconds_count"] == 2
+    assert ours["pdserve_router_inter_token_latency_seconds_count"] == 2 * 5
+    assert ours["pdserve_router_time_per_output_token_seconds_count"] == 2
+    assert ours["pdserve_router_prefill_seconds_count"] == 2
+    assert ours["pdserve_router_kv_transfer_bytes_count"] == 2 and ours["pdserve_router_kv_transfer_bytes_sum"] > 0
+    assert ours["pdserve_router_generation_tokens_total"] == 12
+    assert ours["pdserve_router_queue_seconds_count"] == 2
+    decode, prefill = scrape(workers.decode.url), scrape(workers.prefill[0].url)
+    assert decode["pdserve_worker_time_to_first_token_seconds_count"] >= 2
+    assert decode['pdserve_worker_phase_seconds_total{phase="decode"}'] > 0
+    assert 0 <= decode["pdserve_worker_kv_usage_ratio"] <= 1 and decode["pdserve_worker_kv_blocks"] > 0
+    assert decode['pdserve_kv_transfers_completed_total{direction="receive"}'] >= 2
+    assert prefill["pdserve_worker_prefill_seconds_count"] >= 2
+    assert prefill['pdserve_worker_phase_seconds_total{phase="prefill"}'] > 0
+
+
+def test_a_stalled_transfer_is_recomputed_within_the_deadline(workers: Workers) -> None:
+    router = workers.router(prefill=workers.prefill[1:])  # the worker behind the proxy
+    prompt = "The three primary colours are"
+    clean = client(router).completions.create(model=model(router), prompt=prompt, **GREEDY).choices[0].text
+    timeouts = 'pdserve_kv_transfers_failed_total{direction="receive",reason="timeout"}'
+    before = scrape(workers.decode.url).get(timeouts, 0.0)
+    workers.proxy.set_fault(Fault.stall(0))
+    try:
+        started = time.monotonic()
+        stalled = client(router).completions.create(model=model(router), prompt=prompt, **GREEDY).choices[0].text
+        elapsed = time.monotonic() - started
+    finally:
+        workers.proxy.set_fault(Fault.none())
+    assert stalled == clean
+    assert 2 <= elapsed < 2 + 6, f"took {elapsed:.1f} s with a 2 s I/O deadline"
+    assert scrape(workers.decode.url).get(timeouts, 0.0) == before + 1
+    assert wait_for(lambda: all(offers_settled(w.url) for w in (*workers.prefill, workers.decode)), 10)
+
+
+def test_repeated_transfer_failures_open_the_breaker_until_a_probe_succeeds(workers: Workers) -> None:
+    router = workers.router(prefill=workers.prefill[1:])
+    name = model(router)
+
+    def routed_prefills() -> list[str | None]:
+        return [line["prefill"] for line in router.log_lines() if line["message"] == "routed"]
+
+    def ask() -> str:
+        return str(client(router).completions.create(model=name, prompt="Name a river:", **GREEDY).choices[0].text)
+
+    reference = ask()
+    workers.proxy.set_fault(Fault.drop(0))
+    try:
+        assert [ask() for _ in range(3)] == [reference] * 3  # each pull fails and is recomputed
+        assert ask() == reference
+    finally:
+        workers.proxy.set_fault(Fault.none())
+    assert routed_prefills()[1:] == [workers.prefill[1].url] * 3 + [None], "the 4th request avoided the peer"
+    breaker = {w["url"]: w["breaker"] for w in httpx.get(f"{router.url}/health").json()["workers"]}
+    assert breaker[workers.prefill[1].url] == "open"
+    time.sleep(5.2)  # the cooldown: the next request is the half-open probe, which succeeds
+    assert ask() == reference
+    assert routed_prefills()[-1] == workers.prefill[1].url
+    breaker = {w["url"]: w["breaker"] for w in httpx.get(f"{router.url}/health").json()["workers"]}
+    assert breaker[workers.prefill[1].url] == "closed"
+
+
+def test_mixed_mode_overflows_from_the_decode_pool_to_colocated_workers(workers: Workers) -> None:
+    # Room for one request on the decode worker: a second one at the same time goes to `both`.
+    router = workers.router("--kv-overcommit", "0.01", "--both", workers.both.url, prefill=workers.prefill[:1])
+    name = model(router)
+    prompt = "The tallest mountain on Earth is"
+    alone = client(router).completions.create(model=name, prompt=prompt, **GREEDY).choices[0].text
+    holder = client(router).completions.create(model=name, prompt="Count to fifty:", max_tokens=300, stream=True,
+                                               temperature=0, extra_body={"ignore_eos": True})
+    next(iter(holder))
+    overflow = client(router).completions.create(model=name, prompt=prompt, **GREEDY).choices[0].text
+    holder.close()
+    assert overflow == alone
+    routed = [(line["decode"], line["prefill"]) for line in router.log_lines() if line["message"] == "routed"]
+    assert routed == [(workers.decode.url, workers.prefill[0].url)] * 2 + [(workers.both.url, None)], routed
+    assert wait_for(lambda: all(offers_settled(w.url) for w in (workers.decode, workers.both, *workers.prefill)))
+
+
+def test_sigterm_drains_a_worker_then_it_exits(workers: Workers) -> None:
+    """Last in the module: the `both` worker stops taking work, finishes its stream, exits 0."""
+    both = workers.both
+    shm_name = httpx.get(f"{both.url}/debug", timeout=5).json()["shm_name"]
+    assert shm_name and Path(f"/dev/shm/{shm_name}").exists()
+    body = {"request_id": "drained", "prompt": "Count slowly:", "params": {"max_tokens": 40, "ignore_eos": True}}
+    with httpx.stream("POST", f"{both.url}/internal/generate", json=body, timeout=60) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        both.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{both.url}/health", timeout=2)  # no new work while draining
+        events = [json.loads(line) for line in lines if line]
+    assert events[-1]["finished"] and len(events[-1]["outputs"][0]["token_ids"]) == 40
+    assert both.process.wait(20) == 0
+    assert not Path(f"/dev/shm/{shm_name}").exists(), "the shared-memory KV pool was not unlinked"

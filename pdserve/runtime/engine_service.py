@@ -332,7 +332,7 @@ class EngineService:
                 self.connector.ready(request_id, output.held_kv)
                 self._emit(request_id, {
                     "event": "prefilled", "request_id": request_id, "kv_cache_id": request_id,
-                    "kv_address": self.connector.address,
+                    "kv_address": self.transfer.advertise or self.connector.address,
                     "num_prompt_tokens": len(output.prompt_token_ids),
                     "num_cached_tokens": output.num_cached_tokens,
                     "kv_bytes": _kv_bytes(self.engine.kv_pool.layout, len(output.prompt_token_ids)),

@@ -27,6 +27,14 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shared secret for KV pulls (default: $PDSERVE_KV_SECRET)")
     parser.add_argument("--kv-lease-ttl", type=float, default=10.0, help="seconds offered KV waits to be pulled")
     parser.add_argument("--kv-timeout", type=float, default=30.0, help="deadline of one KV transfer, seconds")
+    parser.add_argument("--kv-io-timeout", type=float, default=5.0,
+                        help="seconds without progress before a KV transfer counts as stalled (default: 5)")
+    parser.add_argument("--kv-advertise", default=None, metavar="HOST:PORT",
+                        help="the address decode workers should pull KV from, when it differs from where the "
+                        "KV server listens (NAT, port mapping, a proxy)")
+    parser.add_argument("--internal-secret", default=os.environ.get("PDSERVE_INTERNAL_SECRET"),
+                        help="Bearer secret the router must send to this worker's internal API; required off "
+                        "loopback (default: $PDSERVE_INTERNAL_SECRET)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let running requests finish before exiting")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies (used by serve)")
@@ -50,6 +58,9 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-key", default=os.environ.get("PDSERVE_ADMIN_KEY"),
                         help="Bearer key of the /admin API that adds and removes workers at run time "
                         "(default: $PDSERVE_ADMIN_KEY; without one, only loopback clients may use it)")
+    parser.add_argument("--worker-secret", default=os.environ.get("PDSERVE_INTERNAL_SECRET"),
+                        help="the workers' --internal-secret, needed when they listen off loopback "
+                        "(default: $PDSERVE_INTERNAL_SECRET)")
     add_policy_arguments(parser)
 
 

@@ -47,7 +47,7 @@ from pdserve.serving.openai_schema import (
     PrefillRequest,
     SamplingFields,
 )
-from pdserve.serving.router_metrics import RouterMetrics
+from pdserve.serving.router_metrics import RouterMetrics, RouterRequestTimer
 from pdserve.serving.worker_pool import ROLES, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class RouterConfig:
     admin_key: str | None = None
     """Required (as a Bearer token) by the /admin endpoints that add and remove workers; without
     it they are open to loopback clients only."""
+    worker_secret: str | None = None
+    """Sent as a Bearer token to workers whose internal API needs it (serving/internal_auth.py)."""
     kv_backend: str | None = None
     """How decode workers pull KV ("shm" when every worker shares this host); None: their default."""
     request_timeout: float = 600.0
@@ -96,7 +98,9 @@ def create_router_app(config: RouterConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout, connect=5.0)) as client:
+        headers = {"Authorization": f"Bearer {config.worker_secret}"} if config.worker_secret else None
+        timeout = httpx.Timeout(config.request_timeout, connect=5.0)
+        async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
             app.state.client = client
             await pool.refresh(client)
             checker = asyncio.create_task(_check_health(pool, client))
@@ -338,8 +342,8 @@ async def _respond(
 ) -> Any:
     metrics: RouterMetrics = app.state.metrics
     dispatcher: Dispatcher = app.state.dispatcher
-    started = time.monotonic()
-    events = _timed(dispatcher.run(app.state.client, prepared), metrics, started)
+    timer = metrics.timer(queue_seconds, len(prepared.prompt_ids))
+    events = _timed(dispatcher.run(app.state.client, prepared, observe=timer.on_event), timer)
     created = int(time.time())
     response_id = f"{'chatcmpl' if chat else 'cmpl'}-{prepared.request_id}"
     # Every generator in the chain is closed explicitly (aclosing), so that a client that goes
@@ -387,16 +391,15 @@ async def _respond(
 
 
 async def _timed(
-    events: AsyncGenerator[dict[str, Any], None], metrics: RouterMetrics, started: float
+    events: AsyncGenerator[dict[str, Any], None], timer: RouterRequestTimer
 ) -> AsyncGenerator[dict[str, Any], None]:
-    first = True
-    async with aclosing(events):
-        async for event in events:
-            if first:
-                metrics.time_to_first_token.observe(time.monotonic() - started)
-                first = False
-            yield event
-    metrics.request_seconds.observe(time.monotonic() - started)
+    """The events, passed through; the request's totals are observed when it ends, however it ends."""
+    try:
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    finally:
+        timer.finish()
 
 
 async def _first(events: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.logs import configure_logging
 from pdserve.runtime.engine_process import die_with_parent
 from pdserve.runtime.engine_service import EngineService, warm_up
+from pdserve.serving.internal_auth import check_internal_secret
 from pdserve.serving.worker_app import create_worker_app
 from pdserve.transfer.config import TransferConfig
 
@@ -47,7 +48,8 @@ def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[En
     )
     transfer = TransferConfig(
         backend=args.kv_backend, host=args.kv_host, port=args.kv_port, secret=args.kv_secret,
-        lease_ttl=args.kv_lease_ttl, transfer_timeout=args.kv_timeout,
+        lease_ttl=args.kv_lease_ttl, transfer_timeout=args.kv_timeout, io_timeout=args.kv_io_timeout,
+        advertise=args.kv_advertise,
     )
     return engine, transfer
 
@@ -56,6 +58,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         die_with_parent()
     configure_logging(args.role, args.log_level, json_lines=not args.plain_logs)
+    check_internal_secret(args.host, args.internal_secret)  # before minutes of model loading
     num_threads = args.threads
     if args.cpus is not None:
         cpus = parse_cpus(args.cpus)
@@ -66,7 +69,7 @@ def run_worker(args: argparse.Namespace) -> int:
     warm_up(engine)
     service = EngineService(engine, transfer)
     service.start()
-    app = create_worker_app(service, args.role)
+    app = create_worker_app(service, args.role, args.internal_secret)
     logging.getLogger(__name__).info(
         "ready: role %s, model %s, %d torch threads, KV server %s",
         args.role, engine.model_name, torch.get_num_threads(), service.connector.address,

@@ -10,12 +10,14 @@
     GET  /metrics            Prometheus text (KV transfer metrics and engine gauges)
 
 A client that disconnects from a generate stream aborts the request, which frees its KV.
+Off loopback, every path but /health needs the worker's internal secret (serving/internal_auth.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -28,23 +30,29 @@ from pdserve.runtime.engine_service import EngineService
 from pdserve.runtime.protocol import is_last_event
 from pdserve.serving.errors import error_response
 from pdserve.serving.event_hub import EventHub
+from pdserve.serving.internal_auth import InternalSecret
+from pdserve.serving.worker_metrics import WorkerMetrics, WorkerRequestTimer
 
 _CLIENT = b"http"
 
 
-def create_worker_app(service: EngineService, role: str) -> FastAPI:
+def create_worker_app(service: EngineService, role: str, internal_secret: str | None = None) -> FastAPI:
     hub = EventHub(service)
-    app = FastAPI(title="pdserve worker (internal API)", docs_url=None, redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        hub.start()
+        try:
+            yield
+        finally:
+            hub.stop()
+
+    app = FastAPI(title="pdserve worker (internal API)", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
     app.state.hub = hub
-
-    @app.on_event("startup")
-    async def start_hub() -> None:
-        hub.start()
-
-    @app.on_event("shutdown")
-    async def stop_hub() -> None:
-        hub.stop()
+    metrics = WorkerMetrics(role, lambda: service.handle(_CLIENT, {"op": "stats"}) or {})
+    if internal_secret:
+        app.add_middleware(InternalSecret, secret=internal_secret)
 
     @app.post("/internal/generate")
     async def generate(request: Request) -> Any:
@@ -63,7 +71,8 @@ def create_worker_app(service: EngineService, role: str) -> FastAPI:
         except (ValueError, TypeError, KeyError) as error:
             hub.unsubscribe(request_id)
             return error_response(str(error), 400)
-        return StreamingResponse(_stream(service, hub, request_id, events), media_type="application/x-ndjson")
+        stream = _stream(service, hub, request_id, events, metrics.request())
+        return StreamingResponse(stream, media_type="application/x-ndjson")
 
     @app.post("/internal/abort")
     async def abort(request: Request) -> Any:
@@ -92,8 +101,12 @@ def create_worker_app(service: EngineService, role: str) -> FastAPI:
         return await run_in_threadpool(service.handle, _CLIENT, {"op": "debug"})
 
     @app.get("/metrics")
-    async def metrics() -> Any:
-        return PlainTextResponse(generate_latest(service.connector.metrics.registry).decode())
+    async def prometheus() -> Any:
+        def scrape() -> str:
+            registries = (service.connector.metrics.registry, metrics.registry)
+            return "".join(generate_latest(r).decode() for r in registries)
+
+        return PlainTextResponse(await run_in_threadpool(scrape))
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:
@@ -103,19 +116,22 @@ def create_worker_app(service: EngineService, role: str) -> FastAPI:
 
 
 async def _stream(
-    service: EngineService, hub: EventHub, request_id: str, events: Any
+    service: EngineService, hub: EventHub, request_id: str, events: Any, timer: WorkerRequestTimer,
 ) -> AsyncIterator[bytes]:
     finished = False
     try:
         while True:
             event = await events.get()
+            timer.on_event(event)
             yield (json.dumps(event) + "\n").encode()
             if is_last_event(event):
                 finished = True
+                timer.end("error" if event.get("event") == "error" else "finished")
                 return
     finally:
         hub.unsubscribe(request_id)
         if not finished:  # the client went away: free the request's KV on this worker
+            timer.end("aborted")
             # Shielded: a disconnect cancels this task, and an unshielded await would be
             # cancelled before the abort ever reached the engine.
             with anyio.CancelScope(shield=True):

@@ -26,6 +26,9 @@ class TransferConfig:
     """Seconds without progress on the socket before a transfer is declared stalled."""
     max_concurrent_transfers: int = 8
     """Transfers served (and pulled) at once; more wait their turn within their deadline."""
+    advertise: str | None = None
+    """The "host:port" receivers should dial, when it differs from where the KV server listens
+    (behind NAT, a port mapping or a proxy). None: the listening address."""
 
     def __post_init__(self) -> None:
         if self.lease_ttl <= 0 or self.transfer_timeout <= 0 or self.io_timeout <= 0:

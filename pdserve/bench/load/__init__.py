@@ -1,0 +1,1 @@
+"""``pdserve bench serve``: a load generator for any OpenAI-compatible endpoint, and its statistics."""

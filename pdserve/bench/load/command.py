@@ -1,0 +1,97 @@
+"""``pdserve bench serve`` and ``pdserve bench report``: run a bounded load against an endpoint, or
+re-render a run's Markdown from its JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from pdserve.bench.load.workloads import WORKLOADS, dataset_requests, synthetic_requests
+
+# The load generator's own imports (httpx, tqdm) wait until a run starts: `pdserve --help` stays instant.
+
+
+def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's root (default: %(default)s)")
+    parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
+    parser.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
+    parser.add_argument("--workload", choices=WORKLOADS, default="mixed",
+                        help="length preset (see pdserve/bench/load/workloads.py; default: mixed)")
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="JSONL of real prompts ({\"prompt\", \"max_tokens\"?} per line) instead of the preset")
+    parser.add_argument("--shared-prefix-tokens", type=int, default=0,
+                        help="start every prompt with the same N-token system prompt (default: 0)")
+    parser.add_argument("--num-requests", type=int, default=100, help="requests to send (default: 100)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--rate", type=float, default=None,
+                      help="open loop: requests per second (inf: all at once); default: closed loop")
+    load.add_argument("--concurrency", type=int, default=None, help="closed loop: clients (default: 1)")
+    parser.add_argument("--burstiness", type=float, default=1.0,
+                        help="gamma shape of the arrival gaps: 1 = Poisson, < 1 burstier (default: 1)")
+    parser.add_argument("--time-limit", type=float, default=300.0,
+                        help="seconds the run may take; later requests are not sent, running ones are cut off")
+    parser.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds (default: calibrated)")
+    parser.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds (default: calibrated)")
+    parser.add_argument("--no-slo", action="store_true", help="skip the SLO (no calibration, no goodput)")
+    parser.add_argument("--no-ignore-eos", action="store_true",
+                        help="let answers end at EOS (default: ask for exactly max_tokens, as peers' benches do)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON (default: benchmarks/results/load/<workload>-<time>.json); .md beside it")
+
+
+def run_serve_bench(args: argparse.Namespace) -> int:
+    from pdserve.bench.load.loadgen import LoadConfig, run_load
+    from pdserve.bench.load.report import markdown, read_run, write_run
+    from pdserve.bench.load.slo import FACTOR, calibrate
+    from pdserve.bench.load.stats import SLO, summarize
+
+    if (args.slo_ttft is None) != (args.slo_tpot is None):
+        print("pdserve bench serve: give both --slo-ttft and --slo-tpot, or neither (calibrated)", file=sys.stderr)
+        return 2
+    if args.dataset is not None:
+        specs = dataset_requests(args.dataset, args.num_requests, seed=args.seed)
+    else:
+        specs = synthetic_requests(args.workload, args.num_requests, args.seed, args.shared_prefix_tokens)
+    config = LoadConfig(
+        base_url=args.url, model=args.model, rate=args.rate, concurrency=args.concurrency or 1,
+        burstiness=args.burstiness, time_limit=args.time_limit, api_key=args.api_key,
+        ignore_eos=not args.no_ignore_eos, seed=args.seed,
+    )
+    run: dict[str, object] = {"target": args.url, "workload": "dataset" if args.dataset else args.workload,
+                              "config": asdict(config), "shared_prefix_tokens": args.shared_prefix_tokens}
+    slo = None
+    if args.slo_ttft is not None:
+        slo = SLO(args.slo_ttft, args.slo_tpot)
+        run["slo_basis"] = "given on the command line"
+    elif not args.no_slo:
+        print("calibrating the SLOs: the median prompt and one decode, each alone...", file=sys.stderr)
+        calibration = asyncio.run(calibrate(config, specs))
+        slo = calibration.slo
+        run["slo_basis"] = (f"{FACTOR:g}x the unloaded TTFT of the median prompt ({calibration.isolated_ttft * 1000:.0f} ms) "
+                            f"and {FACTOR:g}x the unloaded TPOT ({calibration.isolated_tpot * 1000:.1f} ms)")
+        run["calibration"] = asdict(calibration)
+    how = f"{args.rate:g} req/s" if args.rate is not None else f"{config.concurrency} concurrent"
+    print(f"sending {len(specs)} {run['workload']} requests, {how}, at most {args.time_limit:g} s", file=sys.stderr)
+    records = asyncio.run(run_load(config, specs))
+    summary = summarize(records, slo)
+    out = args.out or Path("benchmarks/results/load") / f"{run['workload']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_run(out, run, records, summary)
+    print(markdown(read_run(out)))
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0 if summary.completed or not records else 1
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from pdserve.bench.load.report import markdown, read_run
+
+    data = read_run(args.run)
+    text = markdown(data)
+    args.run.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+

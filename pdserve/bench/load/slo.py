@@ -1,0 +1,47 @@
+"""SLOs fixed before measuring, derived from the target's own unloaded speed.
+
+TTFT SLO = 3x the time to first token of the median prompt sent alone; TPOT SLO = 3x the time per
+output token of one request decoding alone (batch 1). Measured on the target itself, one
+request at a time, before the load starts — so the SLOs describe the hardware, and are not
+tuned until one configuration wins. The factor and the measured bases go into the report.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from pdserve.bench.load.loadgen import LoadConfig, run_load
+from pdserve.bench.load.stats import SLO
+from pdserve.bench.load.workloads import RequestSpec
+
+FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    isolated_ttft: float
+    """Median time to first token of the median prompt, alone."""
+    isolated_tpot: float
+    """Median time per output token of one request, alone."""
+    factor: float = FACTOR
+
+    @property
+    def slo(self) -> SLO:
+        return SLO(ttft=self.factor * self.isolated_ttft, tpot=self.factor * self.isolated_tpot)
+
+
+async def calibrate(config: LoadConfig, specs: Sequence[RequestSpec], repeats: int = 3,
+                    decode_tokens: int = 32) -> Calibration:
+    by_length = sorted(specs, key=lambda s: s.approx_prompt_tokens)
+    median = by_length[len(by_length) // 2]
+    alone = replace(config, rate=None, concurrency=1, time_limit=max(config.time_limit, 120.0))
+    prefills = await run_load(alone, [replace(median, max_tokens=1)] * repeats, progress=False)
+    decodes = await run_load(alone, [replace(median, max_tokens=decode_tokens)] * repeats, progress=False)
+    ttfts = [r.ttft for r in prefills if r.ok and r.ttft is not None]
+    tpots = [t for r in decodes if (t := r.tpot) is not None]
+    if not ttfts or not tpots:
+        errors = {r.error for r in (*prefills, *decodes) if r.error}
+        raise RuntimeError(f"could not measure the target unloaded: {errors or 'no output'}")
+    return Calibration(statistics.median(ttfts), statistics.median(tpots))

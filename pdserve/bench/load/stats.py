@@ -1,0 +1,104 @@
+"""Summary statistics of a load run: latency percentiles, throughput, SLO attainment, goodput.
+
+Goodput is DistServe's: completed requests per second that met *both* the time-to-first-token
+and the time-per-output-token SLO. SLO attainment is the share of all requests (failures
+included, as misses) that met both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pdserve.bench.load.records import RequestRecord
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError("q must be within [0, 100]")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft: float
+    """Seconds to the first token."""
+    tpot: float
+    """Seconds per output token after the first."""
+
+    def met_by(self, record: RequestRecord) -> bool:
+        if not record.ok or record.ttft is None or record.ttft > self.ttft:
+            return False
+        tpot = record.tpot
+        return tpot is None or tpot <= self.tpot  # a one-token answer has no TPOT to miss
+
+
+@dataclass(frozen=True)
+class Distribution:
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution:
+        mean = sum(values) / len(values) if values else math.nan
+        return cls(mean, *(percentile(values, q) for q in PERCENTILES))
+
+
+@dataclass(frozen=True)
+class Summary:
+    requests: int
+    completed: int
+    failed: int
+    duration: float
+    """From the first send to the last response."""
+    request_throughput: float
+    output_throughput: float
+    """Output tokens per second."""
+    ttft: Distribution
+    tpot: Distribution
+    itl: Distribution
+    e2e: Distribution
+    slo: SLO | None
+    slo_attainment: float | None
+    goodput: float | None
+    """Requests per second meeting the SLO."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summary:
+    done = [r for r in records if r.ok]
+    starts = [r.sent for r in records]
+    ends = [r.end for r in records if r.end is not None]
+    duration = (max(ends) - min(starts)) if ends and starts else 0.0
+    per_second = (lambda n: n / duration) if duration > 0 else (lambda n: math.nan)
+    met = sum(slo.met_by(r) for r in records) if slo else None
+    return Summary(
+        requests=len(records),
+        completed=len(done),
+        failed=len(records) - len(done),
+        duration=duration,
+        request_throughput=per_second(len(done)),
+        output_throughput=per_second(sum(r.output_tokens for r in done)),
+        ttft=Distribution.of([r.ttft for r in done if r.ttft is not None]),
+        tpot=Distribution.of([t for r in done if (t := r.tpot) is not None]),
+        itl=Distribution.of([gap for r in done for gap in r.inter_token_latencies()]),
+        e2e=Distribution.of([r.e2e for r in done if r.e2e is not None]),
+        slo=slo,
+        slo_attainment=(met / len(records) if records else math.nan) if met is not None else None,
+        goodput=per_second(met) if met is not None else None,
+    )

@@ -1,0 +1,144 @@
+"""The load generator's statistics against hand-computed cases, its arrival processes and
+workloads, and one small bounded run against a real `pdserve serve`."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench.load.arrivals import arrival_times
+from pdserve.bench.load.records import RequestRecord
+from pdserve.bench.load.stats import SLO, percentile, summarize
+from pdserve.bench.load.workloads import PRESETS, dataset_requests, synthetic_requests
+
+
+def test_percentiles_interpolate_between_closest_ranks() -> None:
+    values = [15.0, 20.0, 35.0, 40.0, 50.0]
+    assert percentile(values, 0) == 15 and percentile(values, 100) == 50
+    assert percentile(values, 50) == 35
+    assert percentile(values, 90) == pytest.approx(46.0)  # rank 3.6: 40 + 0.6 * 10
+    assert percentile(values, 40) == pytest.approx(29.0)  # rank 1.6: 20 + 0.6 * 15
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def record(index: int, sent: float, first: float, end: float, tokens: int, error: str | None = None) -> RequestRecord:
+    times = [first + i * (end - first) / max(tokens - 1, 1) for i in range(tokens)]
+    return RequestRecord(index, "chat", sent, sent=sent, first_token=first, end=end, chunk_times=times,
+                         chunk_tokens=[1] * tokens, output_tokens=tokens, error=error)
+
+
+def test_goodput_counts_requests_meeting_both_slos_per_second() -> None:
+    records = [
+        record(0, 0.0, 0.2, 1.1, 10),   # ttft 0.2, tpot 0.1: meets
+        record(1, 1.0, 1.9, 2.8, 10),   # ttft 0.9: misses TTFT
+        record(2, 2.0, 2.1, 4.0, 10),   # tpot 0.211: misses TPOT
+        record(3, 3.0, 3.3, 4.2, 10),   # meets
+        RequestRecord(4, "chat", 3.5, sent=3.5, error="HTTP 503"),  # a failure: a miss
+    ]
+    summary = summarize(records, SLO(ttft=0.5, tpot=0.15))
+    assert (summary.requests, summary.completed, summary.failed) == (5, 4, 1)
+    assert summary.duration == pytest.approx(4.2)
+    assert summary.slo_attainment == pytest.approx(2 / 5)
+    assert summary.goodput == pytest.approx(2 / 4.2)
+    assert summary.request_throughput == pytest.approx(4 / 4.2)
+    assert summary.output_throughput == pytest.approx(40 / 4.2)
+    assert summary.ttft.p50 == pytest.approx(percentile([0.2, 0.9, 0.1, 0.3], 50))
+    assert summary.tpot.mean == pytest.approx(statistics.mean([0.1, 0.1, 1.9 / 9, 0.1]))
+    assert summary.itl.p50 == pytest.approx(0.1)
+    assert summarize(records).goodput is None
+
+
+def test_inter_token_latency_spreads_a_multi_token_chunk_over_its_tokens() -> None:
+    r = RequestRecord(0, "chat", 0, sent=0, first_token=1.0, end=1.6, chunk_times=[1.0, 1.2, 1.6],
+                      chunk_tokens=[1, 1, 2], output_tokens=4)
+    assert r.inter_token_latencies() == pytest.approx([0.2, 0.2, 0.2])
+    assert r.tpot == pytest.approx(0.2)
+
+
+def test_poisson_arrivals_have_the_rate_and_repeat_with_the_seed() -> None:
+    times = arrival_times(4.0, 4000, seed=1)
+    gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+    assert statistics.mean(gaps) == pytest.approx(0.25, rel=0.05)
+    assert statistics.stdev(gaps) / statistics.mean(gaps) == pytest.approx(1.0, rel=0.07)  # exponential: CV 1
+    assert arrival_times(4.0, 10, seed=1) == times[:10]
+    assert arrival_times(4.0, 10, seed=2) != times[:10]
+    assert arrival_times(math.inf, 3) == [0.0, 0.0, 0.0]
+
+
+def test_gamma_burstiness_keeps_the_rate_and_sets_the_spread() -> None:
+    for burstiness in (0.25, 4.0):
+        times = arrival_times(2.0, 6000, burstiness=burstiness, seed=3)
+        gaps = [b - a for a, b in zip([0.0, *times], times, strict=False)]
+        assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.06)
+        cv2 = (statistics.stdev(gaps) / statistics.mean(gaps)) ** 2
+        assert cv2 == pytest.approx(1 / burstiness, rel=0.12)  # gamma: CV^2 = 1/shape
+    with pytest.raises(ValueError):
+        arrival_times(0, 5)
+
+
+def test_workloads_draw_lengths_from_their_presets() -> None:
+    for name, preset in PRESETS.items():
+        for spec in synthetic_requests(name, 50, seed=4):
+            assert preset.input_tokens.low <= spec.approx_prompt_tokens <= preset.input_tokens.high
+            assert preset.output_tokens.low <= spec.max_tokens <= preset.output_tokens.high
+            assert len(spec.prompt.split()) == spec.approx_prompt_tokens
+    kinds = [s.kind for s in synthetic_requests("mixed", 400, seed=5)]
+    assert kinds.count("chat") / 400 == pytest.approx(0.5, abs=0.08)
+    assert {s.prompt for s in synthetic_requests("chat", 5, seed=6)} == {
+        s.prompt for s in synthetic_requests("chat", 5, seed=6)}
+    shared = synthetic_requests("chat", 3, seed=7, shared_prefix_tokens=40)
+    assert len({" ".join(s.prompt.split()[:40]) for s in shared}) == 1
+    with pytest.raises(ValueError, match="unknown workload"):
+        synthetic_requests("poetry", 1)
+
+
+def test_dataset_files_are_read_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hello there", "max_tokens": 5}\n\n{"prompt": "Bye"}\n')
+    specs = dataset_requests(path, 2)
+    assert [(s.prompt, s.max_tokens) for s in specs] == [("Hello there", 5), ("Bye", 128)]
+    assert len(dataset_requests(path, 7)) == 7
+    path.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(ValueError, match="prompts.jsonl:1"):
+        dataset_requests(path, 1)
+
+
+def test_a_bounded_run_against_pdserve_serve(tmp_path: Path) -> None:
+    from test_serving import Server
+
+    server = Server()
+    try:
+        dataset = tmp_path / "tiny.jsonl"
+        dataset.write_text("".join(json.dumps({"prompt": f"Tell me about the number {i}.", "max_tokens": 8}) + "\n"
+                                   for i in range(4)))
+        out = tmp_path / "run.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "pdserve.cli", "bench", "serve", "--url", server.url, "--dataset", str(dataset),
+             "--num-requests", "8", "--rate", "4", "--time-limit", "120", "--out", str(out)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        server.stop()
+    run = json.loads(out.read_text())
+    summary = run["summary"]
+    assert summary["requests"] == 8 and summary["completed"] == 8, summary
+    assert all(r["output_tokens"] == 8 and len(r["chunk_times"]) >= 1 for r in run["records"])
+    assert 0 < summary["ttft"]["p50"] <= summary["e2e"]["p50"]
+    assert summary["slo"]["ttft"] == pytest.approx(3 * run["calibration"]["isolated_ttft"])
+    assert 0 <= summary["slo_attainment"] <= 1 and summary["goodput"] >= 0
+    assert run["command"].startswith("pdserve bench serve --url")
+    markdown = out.with_suffix(".md").read_text()
+    assert "| TTFT |" in markdown and "goodput" in markdown
+    rerendered = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "report", str(out)],
+                                capture_output=True, text=True, timeout=60)
+    assert rerendered.returncode == 0 and "| TPOT |" in rerendered.stdout
