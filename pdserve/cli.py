@@ -99,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also run the shaped-link experiment (veth pair + tc tbf in a network namespace; needs root)",
     )
     transfer_bench.add_argument("--quick", action="store_true", help="small sizes, 2 repetitions (a smoke run)")
-    from pdserve.bench.load.command import add_serve_bench_arguments
+    from pdserve.bench.load.command import add_compare_arguments, add_serve_bench_arguments
 
     serve_bench = bench_commands.add_parser(
         "serve",
@@ -110,6 +110,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "TPOT) unless given. Writes JSON (every request) and a Markdown report.",
     )
     add_serve_bench_arguments(serve_bench)
+    compare = bench_commands.add_parser(
+        "compare",
+        help="sweep request rates over pdserve disaggregated, colocated and replicas on the same cores",
+        description="Start each target in turn on this machine's cores, fix the SLOs on the first one "
+        "unloaded, sweep the request rates, and report SLO attainment and goodput per rate and the highest "
+        "rate at which 90%% of requests meet the SLO. Writes compare.json and compare.md.",
+    )
+    add_compare_arguments(compare)
     report = bench_commands.add_parser("report", help="re-render a load run's Markdown report from its JSON")
     report.add_argument("run", type=Path, help="a RUN.json written by `pdserve bench serve`")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
@@ -222,10 +230,11 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.bench_command in ("serve", "report"):
-        from pdserve.bench.load.command import run_report, run_serve_bench
+    if args.bench_command in ("serve", "report", "compare"):
+        from pdserve.bench.load.command import run_compare_bench, run_report, run_serve_bench
 
-        return run_serve_bench(args) if args.bench_command == "serve" else run_report(args)
+        run = {"serve": run_serve_bench, "report": run_report, "compare": run_compare_bench}
+        return run[args.bench_command](args)
     if args.bench_command == "transfer":
         from pdserve.bench.transfer import run_transfer_benchmark
 

@@ -142,3 +142,23 @@ def test_a_bounded_run_against_pdserve_serve(tmp_path: Path) -> None:
     rerendered = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "report", str(out)],
                                 capture_output=True, text=True, timeout=60)
     assert rerendered.returncode == 0 and "| TPOT |" in rerendered.stdout
+
+
+def test_the_max_rate_meeting_the_goal_and_the_comparison_table() -> None:
+    from pdserve.bench.load.compare import compare_markdown, max_rate_meeting_goal
+
+    points = [{"rate": 0.5, "slo_attainment": 1.0}, {"rate": 1.0, "slo_attainment": 0.92},
+              {"rate": 2.0, "slo_attainment": 0.4}, {"rate": 4.0, "skipped": "time budget", "slo_attainment": None}]
+    assert max_rate_meeting_goal(points) == 1.0
+    assert max_rate_meeting_goal(points, goal=0.95) == 0.5
+    assert max_rate_meeting_goal(points[2:]) is None
+    dist = {"mean": 0.1, "p50": 0.1, "p90": 0.2, "p99": 0.3}
+    point = {"rate": 1.0, "slo_attainment": 0.92, "goodput": 0.88, "ttft": dist, "tpot": dist, "itl": dist,
+             "output_throughput": 50.0}
+    result = {"rates": [1.0], "slo": {"ttft": 0.6, "tpot": 0.3}, "elapsed": 1.0,
+              "slo_basis": {"target": "colocated", "isolated_ttft": 0.2, "isolated_tpot": 0.1, "factor": 3.0},
+              "targets": {"colocated": {"points": [point], "max_rate_meeting_slo": 1.0},
+                          "vllm": {"error": "not installed", "points": []}}}
+    text = compare_markdown(result)
+    assert "| colocated | 92% / 0.88 | 1 req/s |" in text
+    assert "failed: not installed" in text and "TTFT <= 600 ms" in text

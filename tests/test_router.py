@@ -268,6 +268,15 @@ def test_no_prefill_runs_when_no_decode_worker_has_kv_room(workers: Workers) -> 
     assert client(router).completions.create(model=model(router), prompt="Hi", max_tokens=2).choices
 
 
+def test_with_no_decode_worker_the_router_says_so_with_503_and_retry_after(workers: Workers) -> None:
+    router = workers.router(decode=False)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client(router).completions.create(model=model(router), prompt="Hi", max_tokens=2)
+    assert refused.value.status_code == 503 and "no decode worker" in refused.value.message
+    assert refused.value.response.headers["retry-after"] == "5"
+    assert httpx.get(f"{router.url}/health").status_code == 503
+
+
 def test_limits_on_body_size_and_prompt_length(workers: Workers) -> None:
     router = workers.router("--max-body-bytes", "2000", "--max-prompt-tokens", "20")
     name = model(router)

@@ -38,6 +38,17 @@ def test_least_loaded_prefers_idle_workers_and_counts_its_own_sends() -> None:
     assert workers.pick_other("decode", exclude={d1.url, d2.url}) is d0
 
 
+def test_least_loaded_prefill_goes_by_queued_prompt_tokens() -> None:
+    workers = pool("least_loaded")
+    p0, p1 = workers.workers[:2]
+    p0.load = {"num_waiting": 1, "num_queued_prompt_tokens": 3000}
+    p1.load = {"num_waiting": 4, "num_queued_prompt_tokens": 200}
+    assert workers.pick("prefill", num_tokens=1000) is p1  # fewer tokens queued, though more requests
+    assert workers.pick("prefill", num_tokens=1000) is p1  # 1,200 < 3,000
+    assert workers.pick("prefill", num_tokens=1000) is p1  # 2,200 < 3,000
+    assert workers.pick("prefill", num_tokens=1000) is p0  # 3,200 > 3,000
+
+
 def test_fallback_roles_and_unknown_policy() -> None:
     workers = pool("round_robin")
     for worker in workers.workers[2:]:

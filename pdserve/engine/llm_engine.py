@@ -54,6 +54,8 @@ class EngineStats:
     """Requests whose blocks are reserved for KV still arriving."""
     block_size: int = 0
     """Tokens per KV block (what a router needs to count a request's blocks and hash its prefix)."""
+    num_queued_prompt_tokens: int = 0
+    """Prompt tokens not computed yet, waiting or mid-prefill: a prefill worker's backlog."""
 
 
 class LLMEngine:
@@ -333,6 +335,10 @@ class LLMEngine:
             num_held_kv=len(self._held),
             num_reserved_kv=len(self._reserved),
             block_size=bm.block_size,
+            num_queued_prompt_tokens=sum(
+                max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
+                for seq in (*self.scheduler.waiting, *self.scheduler.running)
+            ),
         )
 
     def close(self) -> None:

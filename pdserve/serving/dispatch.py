@@ -133,7 +133,8 @@ class Dispatcher:
         self, client: httpx.AsyncClient, request: PreparedRequest, observe: EventObserver | None = None,
     ) -> dict[str, Any]:
         """Two-phase form, first phase: the ``prefilled`` event of a prefill whose KV is offered."""
-        prefill = self.pool.pick("prefill", "both", prefix=self.prefix_hashes(request))
+        prefill = self.pool.pick("prefill", "both", prefix=self.prefix_hashes(request),
+                                 num_tokens=len(request.prompt_ids))
         if prefill is None:
             raise APIError("no prefill worker is available", 503, retry_after=5)
         prefilled = await self._prefill(client, prefill, {**request.worker_body(), "kv": {"mode": "offer"}})
@@ -153,7 +154,7 @@ class Dispatcher:
         if len(request.prompt_ids) - cached <= self.config.local_prefill_tokens:
             self.on_degraded("local_prefill_below_threshold")
             return local, None
-        prefill = self.pool.pick("prefill", prefix=hashes)
+        prefill = self.pool.pick("prefill", prefix=hashes, num_tokens=len(request.prompt_ids))
         if prefill is None:
             self.on_degraded("decode_side_prefill")
             return local, None

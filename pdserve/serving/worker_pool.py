@@ -4,9 +4,10 @@ Workers are registered by URL (at start, or at run time through the router's adm
 ``refresh`` asks each for ``/health`` (keeping the ones that answer) and ``/load``. Policies,
 chosen by name:
     round_robin:  in turn.
-    least_loaded: prefill: fewest queued requests; decode: fewest running + queued requests,
-                  then most free KV blocks. Load is what the last refresh saw (every ~2 s) plus
-                  the requests this router sent since, so a burst does not pile onto one worker.
+    least_loaded: prefill: fewest queued prompt tokens, then requests; decode: fewest running +
+                  queued requests, then most free KV blocks. Load is what the last refresh saw
+                  (every ~2 s) plus what this router sent since, so a burst does not pile onto
+                  one worker.
     prefix_aware: prefill: the worker that probably holds the longest prefix of the prompt in
                   its cache (serving/prefix_index.py), unless it is busier than the least
                   loaded one by more than ``max_imbalance`` requests; ties by load. Decode:
@@ -40,13 +41,16 @@ class Worker:
     load: dict[str, Any] = field(default_factory=dict)
     """The worker's last ``/load`` (engine stats)."""
     sent_since_refresh: int = 0
+    tokens_sent_since_refresh: int = 0
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
     def busyness(self) -> tuple[int, int]:
-        """Smaller is less busy: (requests in flight, -free KV blocks)."""
+        """Smaller is less busy. Prefill: (queued prompt tokens, queued requests); others:
+        (requests in flight, -free KV blocks)."""
         queued = int(self.load.get("num_waiting", 0)) + self.sent_since_refresh
-        if self.role != "prefill":
-            queued += int(self.load.get("num_running", 0))
+        if self.role == "prefill":
+            return int(self.load.get("num_queued_prompt_tokens", 0)) + self.tokens_sent_since_refresh, queued
+        queued += int(self.load.get("num_running", 0))
         return queued, -int(self.load.get("num_free_blocks", 0))
 
     def summary(self) -> dict[str, Any]:
@@ -102,7 +106,7 @@ class WorkerPool:
                 worker.info = response.json() if worker.healthy else {}
                 if worker.healthy:
                     worker.load = (await client.get(f"{worker.url}/load", timeout=2.0)).json()
-                    worker.sent_since_refresh = 0
+                    worker.sent_since_refresh = worker.tokens_sent_since_refresh = 0
             except (httpx.HTTPError, ValueError):
                 worker.healthy = False
             if was_healthy and not worker.healthy:
@@ -114,13 +118,13 @@ class WorkerPool:
         self.prefix.forget(worker.url)
 
     def pick(self, *roles: str, fits: Callable[[Worker], bool] | None = None,
-             prefix: Sequence[BlockHash] = ()) -> Worker | None:
+             prefix: Sequence[BlockHash] = (), num_tokens: int = 0) -> Worker | None:
         """The healthy worker serving the first of ``roles`` that has any, by policy; or None."""
-        return self.pick_other(*roles, exclude=set(), fits=fits, prefix=prefix)
+        return self.pick_other(*roles, exclude=set(), fits=fits, prefix=prefix, num_tokens=num_tokens)
 
     def pick_other(
         self, *roles: str, exclude: set[str], fits: Callable[[Worker], bool] | None = None,
-        prefix: Sequence[BlockHash] = (),
+        prefix: Sequence[BlockHash] = (), num_tokens: int = 0,
     ) -> Worker | None:
         """Like :meth:`pick`, leaving out the URLs in ``exclude`` (for a retry) and the workers
         ``fits`` refuses (no KV room)."""
@@ -134,6 +138,7 @@ class WorkerPool:
                 continue
             chosen = self._choose(role, candidates, prefix)
             chosen.sent_since_refresh += 1
+            chosen.tokens_sent_since_refresh += num_tokens
             chosen.breaker.claim()
             return chosen
         return None
@@ -151,7 +156,9 @@ class WorkerPool:
         best = max(candidates, key=lambda w: (self.prefix.matched_blocks(w.url, prefix), [-x for x in w.busyness()]))
         if self.prefix.matched_blocks(best.url, prefix) == 0:
             return least
-        if best.busyness()[0] - least.busyness()[0] > self.max_imbalance:
+        queued = int(best.load.get("num_waiting", 0)) + best.sent_since_refresh
+        least_queued = int(least.load.get("num_waiting", 0)) + least.sent_since_refresh
+        if queued - least_queued > self.max_imbalance:
             return least
         return best
 

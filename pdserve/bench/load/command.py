@@ -10,7 +10,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pdserve.bench.load.workloads import WORKLOADS, dataset_requests, synthetic_requests
+from pdserve.bench.load.workloads import (
+    WORKLOADS,
+    RequestSpec,
+    dataset_requests,
+    synthetic_requests,
+)
 
 # The load generator's own imports (httpx, tqdm) wait until a run starts: `pdserve --help` stays instant.
 
@@ -95,3 +100,57 @@ def run_report(args: argparse.Namespace) -> int:
     print(text)
     return 0
 
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", choices=WORKLOADS, default="mixed", help="length preset (default: mixed)")
+    parser.add_argument("--targets", default="colocated,disaggregated,replicas",
+                        help="comma-separated, the first also fixes the SLOs (default: %(default)s)")
+    parser.add_argument("--rates", default="0.25,0.5,1,2", help="request rates to sweep (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of arrivals per rate; requests = rate x duration (default: 60)")
+    parser.add_argument("--time-budget", type=float, default=3600.0,
+                        help="seconds the whole comparison may take (default: 3600)")
+    parser.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds (default: calibrated)")
+    parser.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds (default: calibrated)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result directory (default: benchmarks/results/compare/<workload>-<time>)")
+
+
+def run_compare_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from pdserve.bench.load.compare import CompareConfig, compare_markdown, run_compare
+    from pdserve.bench.load.report import environment
+    from pdserve.bench.load.stats import SLO
+    from pdserve.bench.load.targets import PDSERVE_TARGETS
+
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PDSERVE_TARGETS]
+    if unknown or not names:
+        print(f"pdserve bench compare: unknown targets {unknown}; known: {', '.join(PDSERVE_TARGETS)}", file=sys.stderr)
+        return 2
+    if (args.slo_ttft is None) != (args.slo_tpot is None):
+        print("pdserve bench compare: give both --slo-ttft and --slo-tpot, or neither", file=sys.stderr)
+        return 2
+    rates = tuple(float(r) for r in args.rates.split(","))
+    out = args.out or Path("benchmarks/results/compare") / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def specs_for(count: int, seed: int) -> list[RequestSpec]:
+        return synthetic_requests(args.workload, count, seed)
+
+    def log(message: str) -> None:
+        print(f"[compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    slo = SLO(args.slo_ttft, args.slo_tpot) if args.slo_ttft is not None else None
+    config = CompareConfig(rates, args.duration, args.time_budget, args.seed)
+    result = run_compare([PDSERVE_TARGETS[n] for n in names], specs_for, config, out, log, slo)
+    result = {**environment(), "workload": args.workload, **result}
+    (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = compare_markdown(result)
+    (out / "compare.md").write_text(text)
+    print(text)
+    log(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    return 0

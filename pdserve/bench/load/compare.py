@@ -1,0 +1,140 @@
+"""``pdserve bench compare``: one workload, a range of request rates, several targets, one run.
+
+The targets are started and stopped by the tool, one after another, on the same cores. The SLOs
+are fixed first, on the first target unloaded (colocated by default: one engine on all the
+cores; 3x its TTFT of the median prompt, 3x its TPOT: the hardware's own speed, see slo.py),
+and the same SLOs judge every target. For each
+target it reports goodput and SLO attainment at every rate, and the highest rate at which at
+least 90% of requests met the SLO. ``time_budget`` bounds the whole comparison: each rate gets an
+equal share of what is left, so a slow target cannot eat the others' time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pdserve.bench.load.loadgen import LoadConfig, run_load
+from pdserve.bench.load.slo import Calibration, calibrate
+from pdserve.bench.load.stats import SLO, summarize
+from pdserve.bench.load.targets import RunningTarget, Target
+from pdserve.bench.load.workloads import RequestSpec
+
+ATTAINMENT_GOAL = 0.9
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    rates: tuple[float, ...]
+    duration: float = 60.0
+    """Seconds of arrivals per rate (requests = rate x duration)."""
+    time_budget: float = 3600.0
+    seed: int = 0
+
+
+def max_rate_meeting_goal(points: Sequence[dict[str, Any]], goal: float = ATTAINMENT_GOAL) -> float | None:
+    """The highest rate whose SLO attainment is at least ``goal`` (None if none is)."""
+    meeting = [p["rate"] for p in points if p["slo_attainment"] is not None and p["slo_attainment"] >= goal]
+    return max(meeting) if meeting else None
+
+
+def run_compare(
+    targets: Sequence[Target], specs_for: Callable[[int, int], list[RequestSpec]], config: CompareConfig,
+    out_dir: Path, log: Callable[[str], None], slo: SLO | None = None,
+) -> dict[str, Any]:
+    """Run every target over every rate; returns the comparison (also the JSON written)."""
+    started = time.monotonic()
+    runs_left = len(targets) * len(config.rates)
+    result: dict[str, Any] = {"rates": list(config.rates), "targets": {}, "slo_basis": "given"}
+    calibration: Calibration | None = None
+    for target in targets:
+        entry: dict[str, Any] = {"description": target.description, "points": []}
+        result["targets"][target.name] = entry
+        log(f"starting {target.name}: {target.description}")
+        try:
+            running = RunningTarget(target, out_dir / f"{target.name}.log")
+        except RuntimeError as error:
+            entry["error"] = str(error)
+            log(f"  {error}")
+            runs_left -= len(config.rates)
+            continue
+        try:
+            base = LoadConfig(base_url=running.url, seed=config.seed)
+            if slo is None:
+                log("  calibrating the SLOs on this target, unloaded")
+                calibration = asyncio.run(calibrate(base, specs_for(64, config.seed)))
+                slo = calibration.slo
+                result["slo_basis"] = {"target": target.name, **asdict(calibration)}
+            result["slo"] = asdict(slo)
+            for rate in config.rates:
+                left = config.time_budget - (time.monotonic() - started)
+                share = left / max(runs_left, 1)
+                runs_left -= 1
+                if share < 10:
+                    log(f"  {rate:g} req/s: skipped, the time budget is spent")
+                    entry["points"].append({"rate": rate, "skipped": "time budget", "slo_attainment": None})
+                    continue
+                count = max(int(math.ceil(rate * config.duration)), 1)
+                limit = min(share, config.duration * 3)
+                load = replace(base, rate=rate, time_limit=limit)
+                records = asyncio.run(run_load(load, specs_for(count, config.seed), progress=False))
+                summary = summarize(records, slo)
+                point = {"rate": rate, "requests": count, "time_limit": limit, **summary.to_json(),
+                         "records": [r.to_json() for r in records]}
+                entry["points"].append(point)
+                log(f"  {rate:g} req/s: {summary.completed}/{count} done, SLO attainment "
+                    f"{(summary.slo_attainment or 0) * 100:.0f}%, goodput {summary.goodput or 0:.2f} req/s, "
+                    f"TTFT p90 {summary.ttft.p90 * 1000:.0f} ms, TPOT p90 {summary.tpot.p90 * 1000:.0f} ms")
+        finally:
+            running.stop()
+        entry["max_rate_meeting_slo"] = max_rate_meeting_goal(entry["points"])
+    result["elapsed"] = time.monotonic() - started
+    return result
+
+
+def compare_markdown(result: dict[str, Any]) -> str:
+    slo = result.get("slo") or {}
+    lines = [f"# Comparison: workload {result.get('workload', '?')}", ""]
+    if result.get("command"):
+        lines += [f"`{result['command']}` on {result.get('date', '?')}, {result['machine']['cpus']} CPUs, "
+                  f"{result['elapsed']:.0f} s.", ""]
+    if slo:
+        basis = result.get("slo_basis")
+        how = (f"3x the unloaded TTFT ({basis['isolated_ttft'] * 1000:.0f} ms) and TPOT "
+               f"({basis['isolated_tpot'] * 1000:.1f} ms) of {basis['target']}") if isinstance(basis, dict) else basis
+        lines += [f"SLO, fixed before the load: TTFT <= {slo['ttft'] * 1000:.0f} ms, TPOT <= "
+                  f"{slo['tpot'] * 1000:.0f} ms ({how}). Goal: {ATTAINMENT_GOAL:.0%} of requests within both.", ""]
+    lines += ["| target | " + " | ".join(f"{r:g} req/s" for r in result["rates"]) + " | max rate meeting SLO |",
+              "|---|" + "---|" * (len(result["rates"]) + 1)]
+    for name, entry in result["targets"].items():
+        if "error" in entry:
+            lines.append(f"| {name} | " + " | ".join("-" for _ in result["rates"]) + f" | failed: {entry['error']} |")
+            continue
+        cells = []
+        for point in entry["points"]:
+            if point.get("skipped"):
+                cells.append("skipped")
+            else:
+                cells.append(f"{point['slo_attainment'] * 100:.0f}% / {point['goodput']:.2f}")
+        best = entry.get("max_rate_meeting_slo")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if best is None else f'{best:g} req/s'} |")
+    lines += ["", "Cells: SLO attainment / goodput (requests per second meeting both SLOs).", "",
+              "| target | rate | TTFT p50 / p90 (ms) | TPOT p50 / p90 (ms) | ITL p90 (ms) | output tok/s |",
+              "|---|---|---|---|---|---|"]
+    for name, entry in result["targets"].items():
+        for p in entry.get("points", []):
+            if p.get("skipped"):
+                continue
+            lines.append(f"| {name} | {p['rate']:g} | {_ms(p['ttft']['p50'])} / {_ms(p['ttft']['p90'])} | "
+                         f"{_ms(p['tpot']['p50'])} / {_ms(p['tpot']['p90'])} | {_ms(p['itl']['p90'])} | "
+                         f"{p['output_throughput']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 1000:.0f}"
