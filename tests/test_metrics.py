@@ -1,11 +1,13 @@
-"""Latency metrics on hand-built event sequences with a fake clock, and the Grafana dashboard
-against the metric names the router and the workers really expose."""
+"""Latency metrics on hand-built event sequences with a fake clock, the Grafana dashboard against
+the metric names the router and the workers really expose, and one `pdserve serve` end to end."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -73,13 +75,13 @@ def test_router_timer_counts_tokens_of_every_choice_and_the_transfer() -> None:
     assert sample(r, "pdserve_router_prefill_seconds_count") == 1
 
 
+STATS = {"num_blocks": 100, "num_free_blocks": 75, "num_running": 2, "num_waiting": 1}
+
+
 def test_worker_phases_split_at_the_first_token() -> None:
-    stats = {"num_blocks": 100, "num_free_blocks": 75, "num_running": 2, "num_waiting": 1}
-    decode = WorkerMetrics("decode", lambda: stats)
+    decode = WorkerMetrics("decode", lambda: STATS)
     clock = Clock()
-    timer = decode.request()
-    timer.clock = clock
-    timer.started = clock.now
+    timer = decode.request(clock)
     clock.now += 0.2
     timer.on_event(output(1))
     clock.now += 0.8
@@ -90,11 +92,11 @@ def test_worker_phases_split_at_the_first_token() -> None:
     assert sample(r, "pdserve_worker_phase_seconds_total", {"phase": "decode"}) == pytest.approx(0.8)
     assert sample(r, "pdserve_worker_requests_total", {"outcome": "finished"}) == 1
     assert sample(r, "pdserve_worker_kv_usage_ratio") == pytest.approx(0.25)
+    assert sample(r, "pdserve_worker_kv_blocks_used") == 25
     assert sample(r, "pdserve_worker_running_requests") == 2
-    prefill = WorkerMetrics("prefill", lambda: stats)
-    timer = prefill.request()
-    timer.clock = clock
-    timer.started = clock.now
+    assert sample(r, "pdserve_worker_waiting_requests") == 1
+    prefill = WorkerMetrics("prefill", lambda: STATS)
+    timer = prefill.request(clock)
     clock.now += 0.3
     timer.on_event({"event": "prefilled"})
     timer.end("finished")
@@ -102,11 +104,57 @@ def test_worker_phases_split_at_the_first_token() -> None:
     assert sample(prefill.registry, "pdserve_worker_prefill_seconds_count") == 1
 
 
+def test_worker_times_are_the_events_stamps_not_when_the_stream_read_them() -> None:
+    metrics = WorkerMetrics("decode", lambda: STATS)
+    clock = Clock()  # the stream reads every event late, all at once: at 20.0
+    timer = metrics.request(clock)  # arrival at 10.0
+    clock.now = 20.0
+    timer.on_event({"event": "kv_received", "num_bytes": 4096, "seconds": 0.05, "time": 10.1})
+    timer.on_event({**output(1), "time": 10.5})  # TTFT 0.5
+    timer.on_event({**output(3), "time": 10.7})  # two tokens: two gaps of 0.1
+    timer.on_event({**output(4), "finished": True, "time": 11.0})  # gap 0.3; e2e 1.0
+    timer.end("finished")
+    r = metrics.registry
+    assert sample(r, "pdserve_worker_kv_received_seconds_sum") == pytest.approx(0.05)
+    assert sample(r, "pdserve_worker_kv_received_bytes_sum") == 4096
+    assert sample(r, "pdserve_worker_time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert sample(r, "pdserve_worker_inter_token_latency_seconds_count") == 3
+    assert sample(r, "pdserve_worker_inter_token_latency_seconds_sum") == pytest.approx(0.5)
+    assert sample(r, "pdserve_worker_time_per_output_token_seconds_sum") == pytest.approx(0.5 / 3)
+    assert sample(r, "pdserve_worker_request_seconds_sum") == pytest.approx(1.0)
+    assert sample(r, "pdserve_worker_phase_seconds_total", {"phase": "prefill"}) == pytest.approx(0.5)
+    assert sample(r, "pdserve_worker_phase_seconds_total", {"phase": "decode"}) == pytest.approx(0.5)
+
+
+def test_an_aborted_worker_request_ends_at_the_clock() -> None:
+    metrics = WorkerMetrics("both", lambda: STATS)
+    clock = Clock()
+    timer = metrics.request(clock)
+    timer.on_event({**output(1), "time": 10.25})
+    clock.now = 12.0  # the client went away; no last event
+    timer.end("aborted")
+    timer.end("finished")  # once only
+    r = metrics.registry
+    assert sample(r, "pdserve_worker_request_seconds_sum") == pytest.approx(2.0)
+    assert sample(r, "pdserve_worker_phase_seconds_total", {"phase": "decode"}) == pytest.approx(1.75)
+    assert sample(r, "pdserve_worker_requests_total", {"outcome": "aborted"}) == 1
+    assert sample(r, "pdserve_worker_requests_total", {"outcome": "finished"}) == 0
+
+
+def test_engine_gauges_skip_a_failed_read() -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("engine closing")
+
+    metrics = WorkerMetrics("decode", broken)
+    assert metrics.registry.get_sample_value("pdserve_worker_kv_usage_ratio") is None
+    assert sample(metrics.registry, "pdserve_worker_requests_total", {"outcome": "finished"}) == 0
+
+
 def exposed_names() -> set[str]:
     registries = [RouterMetrics().registry, WorkerMetrics("both", lambda: {
         "num_blocks": 1, "num_free_blocks": 1, "num_running": 0, "num_waiting": 0}).registry,
         TransferMetrics().registry]
-    names = set()
+    names: set[str] = set()
     for registry in registries:
         for metric in registry.collect():
             names.update(sample.name for sample in metric.samples)
@@ -117,17 +165,40 @@ def exposed_names() -> set[str]:
     return names
 
 
+def exprs(node: Any) -> Iterator[str]:
+    """Every ``expr`` in the dashboard, wherever it sits (panels, rows' panels, variables)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                yield value
+            else:
+                yield from exprs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from exprs(item)
+
+
 def test_every_metric_the_dashboard_plots_exists() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["schemaVersion"] >= 36 and dashboard["panels"]
-    exposed = exposed_names()
-    used = set()
+    assert [i["name"] for i in dashboard["__inputs"]] == ["DS_PROMETHEUS"]
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
-        for target in panel["targets"]:
-            used.update(re.findall(r"\bpdserve_[a-z_]+", target["expr"]))
+        assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}" and panel["targets"], panel["title"]
+    exposed = exposed_names()
+    used: set[str] = set()
+    for expr in exprs(dashboard):
+        used.update(re.findall(r"\bpdserve_[a-zA-Z0-9_:]+", expr))
     assert used and used <= exposed, f"not exposed: {sorted(used - exposed)}"
     wanted = {"pdserve_router_time_to_first_token_seconds_bucket", "pdserve_router_inter_token_latency_seconds_bucket",
               "pdserve_router_time_per_output_token_seconds_bucket", "pdserve_router_request_seconds_bucket",
               "pdserve_router_queue_seconds_bucket", "pdserve_router_prefill_seconds_bucket",
-              "pdserve_worker_kv_usage_ratio", "pdserve_worker_phase_seconds_total"}
-    assert wanted <= used
+              "pdserve_router_kv_transfer_seconds_bucket", "pdserve_kv_transfer_bytes_total",
+              "pdserve_router_requests_total", "pdserve_router_degraded_total",
+              "pdserve_worker_kv_usage_ratio", "pdserve_worker_running_requests", "pdserve_worker_waiting_requests",
+              "pdserve_worker_phase_seconds_total"}
+    assert wanted <= used, f"not plotted: {sorted(wanted - used)}"
+
+
+# One `pdserve serve` end to end (the Server pattern of test_serving.py).

@@ -7,7 +7,7 @@
     GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up
     GET  /load               waiting/running requests, free KV blocks (for routing)
     GET  /debug              leak-check state (free/held/reserved blocks, fds, threads, children)
-    GET  /metrics            Prometheus text (KV transfer metrics and engine gauges)
+    GET  /metrics            Prometheus text: request latencies, engine gauges, KV transfers (docs/metrics.md)
 
 A client that disconnects from a generate stream aborts the request, which frees its KV.
 Off loopback, every path but /health needs the worker's internal secret (serving/internal_auth.py).
@@ -61,6 +61,7 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
             request_id = str(body["request_id"])
         except (ValueError, KeyError, TypeError):
             return error_response("body must be a JSON object with a request_id", 400)
+        timer = metrics.request()  # arrival: before the engine sees the request
         try:
             events = hub.subscribe(request_id)
         except ValueError as error:
@@ -71,7 +72,7 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
         except (ValueError, TypeError, KeyError) as error:
             hub.unsubscribe(request_id)
             return error_response(str(error), 400)
-        stream = _stream(service, hub, request_id, events, metrics.request())
+        stream = _stream(service, hub, request_id, events, timer)
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
     @app.post("/internal/abort")
@@ -126,7 +127,7 @@ async def _stream(
             yield (json.dumps(event) + "\n").encode()
             if is_last_event(event):
                 finished = True
-                timer.end("error" if event.get("event") == "error" else "finished")
+                timer.end("error" if event.get("event") in ("error", "kv_failed") else "finished")
                 return
     finally:
         hub.unsubscribe(request_id)

@@ -5,10 +5,15 @@ Prefill vs decode time, for the prefill/decode time ratio: on a ``prefill`` work
 whole stay is prefill; on ``decode`` and ``both`` workers the time to its first token counts as
 prefill (including, on a decode worker, the KV pull) and the rest as decode. The counters sum
 request-seconds, so concurrent requests add up: compare their rates, not wall time.
+
+Times are the events' own ``time`` stamps (taken by the engine service when it emitted them, on
+this host's monotonic clock), so a busy event loop handing several events over at once does not
+squeeze their gaps; the clock is read directly only when an event has no stamp or the client left.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +22,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pdserve.serving.request_timing import LATENCY_BUCKETS, LatencyHistograms, RequestTiming
+
+_BYTES_BUCKETS = tuple(2.0**k for k in range(16, 32, 2))  # 64 KiB .. 1 GiB (as the router's)
 
 
 class WorkerMetrics:
@@ -28,45 +35,66 @@ class WorkerMetrics:
         self.prefill_seconds = Histogram(
             "pdserve_worker_prefill_seconds", "On a prefill worker: from arrival to the KV being ready to send",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_received_seconds = Histogram(
+            "pdserve_worker_kv_received_seconds",
+            "On a decode worker: from starting a KV pull to the KV landing (its 'kv_received' event)",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_received_bytes = Histogram(
+            "pdserve_worker_kv_received_bytes", "KV bytes pulled per request (its 'kv_received' event)",
+            buckets=_BYTES_BUCKETS, registry=r)
         self.phase_seconds = Counter(
             "pdserve_worker_phase_seconds", "Request-seconds spent in each phase (see docs/metrics.md)",
             ["phase"], registry=r)
         self.requests = Counter("pdserve_worker_requests", "Requests ended, by how", ["outcome"], registry=r)
         r.register(_EngineGauges(engine_stats))
 
-    def request(self) -> WorkerRequestTimer:
-        return WorkerRequestTimer(self)
+    def request(self, clock: Callable[[], float] = time.monotonic) -> WorkerRequestTimer:
+        """A timer for a request arriving now; make it before submitting the request to the engine."""
+        return WorkerRequestTimer(self, clock)
 
 
 class WorkerRequestTimer(RequestTiming):
-    def __init__(self, metrics: WorkerMetrics) -> None:
-        super().__init__(metrics.latency)
+    def __init__(self, metrics: WorkerMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._read_clock = clock
+        self._event_time: float | None = None  # the stamp of the event being observed
+        super().__init__(metrics.latency, self._now)
         self.metrics = metrics
         self.prefilled_at: float | None = None
 
+    def _now(self) -> float:
+        return self._event_time if self._event_time is not None else self._read_clock()
+
     def on_event(self, event: dict[str, Any]) -> None:
+        stamp = event.get("time")
+        self._event_time = float(stamp) if isinstance(stamp, (int, float)) else None
         kind = event.get("event")
         if kind == "output":
             self.on_output(event)
         elif kind == "prefilled":
-            self.prefilled_at = self.clock()
+            self.prefilled_at = self._now()
             self.metrics.prefill_seconds.observe(self.prefilled_at - self.started)
+        elif kind == "kv_received":
+            self.metrics.kv_received_seconds.observe(float(event.get("seconds", 0.0)))
+            self.metrics.kv_received_bytes.observe(float(event.get("num_bytes", 0)))
 
     def end(self, outcome: str) -> None:
-        """``outcome``: finished, aborted or error."""
+        """``outcome``: finished, aborted or error. Finished and error end at the last event's
+        stamp; aborted (the client went away, no last event) at the clock."""
         if self.finished:
             return
+        if outcome == "aborted":
+            self._event_time = None
         self.finish()
         self.metrics.requests.labels(outcome).inc()
-        now = self.clock()
+        now = self._now()
         phases = self.metrics.phase_seconds
         if self.metrics.role == "prefill":
-            phases.labels("prefill").inc((self.prefilled_at or now) - self.started)
+            phases.labels("prefill").inc(max((self.prefilled_at or now) - self.started, 0.0))
         elif self.first_token_at is not None:
-            phases.labels("prefill").inc(self.first_token_at - self.started)
-            phases.labels("decode").inc(now - self.first_token_at)
+            phases.labels("prefill").inc(max(self.first_token_at - self.started, 0.0))
+            phases.labels("decode").inc(max(now - self.first_token_at, 0.0))
         else:
-            phases.labels("prefill").inc(now - self.started)
+            phases.labels("prefill").inc(max(now - self.started, 0.0))
 
 
 class _EngineGauges(Collector):
