@@ -19,10 +19,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--weight-format", default="dense", choices=["dense", "int8", "int4"])
     args = parser.parse_args()
     config = EngineConfig(
-        model=ModelConfig(weight_format=args.weight_format),
+        model=ModelConfig(weight_format=args.weight_format, num_threads=args.threads),
         cache=CacheConfig(enable_prefix_caching=False),
         show_progress=False,
     )

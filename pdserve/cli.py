@@ -118,8 +118,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "rate at which 90%% of requests meet the SLO. Writes compare.json and compare.md.",
     )
     add_compare_arguments(compare)
-    report = bench_commands.add_parser("report", help="re-render a load run's Markdown report from its JSON")
-    report.add_argument("run", type=Path, help="a RUN.json written by `pdserve bench serve`")
+    from pdserve.bench.profile_command import add_profile_arguments
+
+    profile_workload = bench_commands.add_parser(
+        "profile-workload",
+        help="measure before you migrate: prefill vs decode share of engine time, utilization, implied P:D",
+        description="Run a workload on a colocated pdserve (started here, or --url) and report the share "
+        "of engine time and cost that goes to prefill and to decode, the FLOP/s and bytes/s each phase "
+        "achieved against this machine's measured peaks, and the prefill:decode worker ratio that implies. "
+        "Writes JSON and Markdown.",
+    )
+    add_profile_arguments(profile_workload)
+    report = bench_commands.add_parser(
+        "report", help="re-render a load run's or a comparison's Markdown report and plots from its JSON")
+    report.add_argument("run", type=Path,
+                        help="a RUN.json written by `pdserve bench serve`, or a compare.json by `pdserve bench compare`")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
     _add_serving_parsers(commands)
     return parser
@@ -235,6 +248,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         run = {"serve": run_serve_bench, "report": run_report, "compare": run_compare_bench}
         return run[args.bench_command](args)
+    if args.bench_command == "profile-workload":
+        from pdserve.bench.profile_command import run_profile_workload
+
+        return run_profile_workload(args)
     if args.bench_command == "transfer":
         from pdserve.bench.transfer import run_transfer_benchmark
 

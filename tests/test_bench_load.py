@@ -137,6 +137,8 @@ def test_a_bounded_run_against_pdserve_serve(tmp_path: Path) -> None:
     assert summary["slo"]["ttft"] == pytest.approx(3 * run["calibration"]["isolated_ttft"])
     assert 0 <= summary["slo_attainment"] <= 1 and summary["goodput"] >= 0
     assert run["command"].startswith("pdserve bench serve --url")
+    assert run["server_metrics"]["router"]["histograms"]["pdserve_router_prefill_seconds"]["count"] > 0
+    assert all(out.with_name(f"run-{kind}.png").read_bytes()[:4] == b"\x89PNG" for kind in ("cdf", "timeline"))
     markdown = out.with_suffix(".md").read_text()
     assert "| TTFT |" in markdown and "goodput" in markdown
     rerendered = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "report", str(out)],

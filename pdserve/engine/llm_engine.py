@@ -11,7 +11,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,7 @@ from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
+from pdserve.engine.step_counters import ChunkWork, StepCounters
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class EngineStats:
     """Tokens per KV block (what a router needs to count a request's blocks and hash its prefix)."""
     num_queued_prompt_tokens: int = 0
     """Prompt tokens not computed yet, waiting or mid-prefill: a prefill worker's backlog."""
+    step_work: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Cumulative time and work of steps by kind (prefill, decode, mixed): see step_counters.py."""
 
 
 class LLMEngine:
@@ -89,6 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_pool)
         self.sampler = Sampler(arch.vocab_size)
+        self.step_counters = StepCounters()
         self.compatibility = compatibility_fields(
             checkpoint.weights_digest, layout.dtype, layout.block_size, arch.describe()
         )
@@ -285,8 +289,13 @@ class LLMEngine:
             return outputs
         now = time.monotonic()
         hooks = {}
+        chunk_work = []
         for chunk in schedule.chunks:
-            request, _ = self._sequences[chunk.seq_id]
+            request, choice = self._sequences[chunk.seq_id]
+            chunk_work.append(ChunkWork(
+                chunk.num_tokens, chunk.start_position,
+                is_decode=chunk.num_tokens == 1 and not choice.sequence.is_prefilling,
+            ))
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = now
             if request.kv_hook is not None:
@@ -320,6 +329,7 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = time.monotonic()
                 self._forget(request)
+        self.step_counters.record(chunk_work, time.monotonic() - now)
         return outputs
 
     def stats(self) -> EngineStats:
@@ -339,6 +349,7 @@ class LLMEngine:
                 max(seq.num_prompt_tokens - seq.num_computed_tokens, 0)
                 for seq in (*self.scheduler.waiting, *self.scheduler.running)
             ),
+            step_work=self.step_counters.snapshot(),
         )
 
     def close(self) -> None:

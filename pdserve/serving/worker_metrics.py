@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pdserve.serving.request_timing import LATENCY_BUCKETS, LatencyHistograms, RequestTiming
@@ -120,7 +120,30 @@ class _EngineGauges(Collector):
                                 value=int(stats["num_waiting"]))
         yield GaugeMetricFamily("pdserve_worker_prefix_cache_hit_ratio", "Prompt tokens found in the prefix cache",
                                 value=float(stats.get("prefix_cache_hit_rate", 0.0)))
+        yield from _step_work_counters(stats.get("step_work", {}))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+def _step_work_counters(step_work: dict[str, dict[str, float]]) -> Iterator[Metric]:
+    """The engine's step counters (engine/step_counters.py) by step kind: prefill, decode, mixed."""
+    steps = CounterMetricFamily("pdserve_worker_engine_steps", "Engine steps run, by kind", labels=["kind"])
+    seconds = CounterMetricFamily(
+        "pdserve_worker_engine_step_seconds", "Wall time of engine steps, by kind", labels=["kind"])
+    tokens = CounterMetricFamily(
+        "pdserve_worker_engine_tokens", "Tokens computed in engine steps, by step kind and phase",
+        labels=["kind", "phase"])
+    attended = CounterMetricFamily(
+        "pdserve_worker_engine_attended_positions",
+        "Sum over computed tokens of the positions each attended to, by step kind and phase",
+        labels=["kind", "phase"])
+    for kind, work in step_work.items():
+        steps.add_metric([kind], work["steps"])
+        seconds.add_metric([kind], work["seconds"])
+        tokens.add_metric([kind, "prefill"], work["prefill_tokens"])
+        tokens.add_metric([kind, "decode"], work["decode_tokens"])
+        attended.add_metric([kind, "prefill"], work["prefill_attention_pairs"])
+        attended.add_metric([kind, "decode"], work["decode_context_tokens"])
+    yield from (steps, seconds, tokens, attended)
 

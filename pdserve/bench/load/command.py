@@ -1,5 +1,5 @@
-"""``pdserve bench serve`` and ``pdserve bench report``: run a bounded load against an endpoint, or
-re-render a run's Markdown from its JSON."""
+"""``pdserve bench serve``, ``compare`` and ``report``: run a bounded load against an endpoint, a
+rate sweep over targets, or re-render a run's or a comparison's plots and Markdown from its JSON."""
 
 from __future__ import annotations
 
@@ -45,13 +45,17 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ignore-eos", action="store_true",
                         help="let answers end at EOS (default: ask for exactly max_tokens, as peers' benches do)")
     parser.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts and arrivals")
+    parser.add_argument("--no-server-metrics", action="store_true",
+                        help="do not scrape the target's /metrics (pdserve: router and workers) around the load")
     parser.add_argument("--out", type=Path, default=None,
-                        help="result JSON (default: benchmarks/results/load/<workload>-<time>.json); .md beside it")
+                        help="result JSON (default: benchmarks/results/load/<workload>-<time>.json); "
+                        ".md and <stem>-*.png plots beside it")
 
 
 def run_serve_bench(args: argparse.Namespace) -> int:
     from pdserve.bench.load.loadgen import LoadConfig, run_load
-    from pdserve.bench.load.report import markdown, read_run, write_run
+    from pdserve.bench.load.report import write_run
+    from pdserve.bench.load.server_metrics import ServerMetricsRecorder
     from pdserve.bench.load.slo import FACTOR, calibrate
     from pdserve.bench.load.stats import SLO, summarize
 
@@ -82,21 +86,33 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         run["calibration"] = asdict(calibration)
     how = f"{args.rate:g} req/s" if args.rate is not None else f"{config.concurrency} concurrent"
     print(f"sending {len(specs)} {run['workload']} requests, {how}, at most {args.time_limit:g} s", file=sys.stderr)
-    records = asyncio.run(run_load(config, specs))
+    if args.no_server_metrics:
+        records = asyncio.run(run_load(config, specs))
+    else:
+        # Scraped after the calibration, so the deltas are the load's alone.
+        with ServerMetricsRecorder(args.url) as server:
+            records = asyncio.run(run_load(config, specs))
+        run["server_metrics"] = server.section
     summary = summarize(records, slo)
     out = args.out or Path("benchmarks/results/load") / f"{run['workload']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    write_run(out, run, records, summary)
-    print(markdown(read_run(out)))
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    print(write_run(out, run, records, summary))
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.stem}-*.png beside them", file=sys.stderr)
     return 0 if summary.completed or not records else 1
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from pdserve.bench.load.report import markdown, read_run
+    """Re-render the plots and Markdown of a RUN.json (``bench serve``) or a compare.json."""
+    from pdserve.bench.load.compare import is_comparison, write_compare_report
+    from pdserve.bench.load.report import read_run, write_report
 
     data = read_run(args.run)
-    text = markdown(data)
-    args.run.with_suffix(".md").write_text(text)
+    if is_comparison(data):
+        text = write_compare_report(args.run, data)
+    elif "summary" in data and "records" in data:
+        text = write_report(args.run, data)
+    else:
+        print(f"pdserve bench report: {args.run} is neither a load run's JSON nor a compare.json", file=sys.stderr)
+        return 2
     print(text)
     return 0
 
@@ -121,7 +137,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
 def run_compare_bench(args: argparse.Namespace) -> int:
     import json
 
-    from pdserve.bench.load.compare import CompareConfig, compare_markdown, run_compare
+    from pdserve.bench.load.compare import CompareConfig, run_compare, write_compare_report
     from pdserve.bench.load.report import environment
     from pdserve.bench.load.stats import SLO
     from pdserve.bench.load.targets import PDSERVE_TARGETS
@@ -149,8 +165,6 @@ def run_compare_bench(args: argparse.Namespace) -> int:
     result = run_compare([PDSERVE_TARGETS[n] for n in names], specs_for, config, out, log, slo)
     result = {**environment(), "workload": args.workload, **result}
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = compare_markdown(result)
-    (out / "compare.md").write_text(text)
-    print(text)
-    log(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
+    print(write_compare_report(out / "compare.json", result))
+    log(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and compare-*.png")
     return 0

@@ -7,6 +7,9 @@ and the same SLOs judge every target. For each
 target it reports goodput and SLO attainment at every rate, and the highest rate at which at
 least 90% of requests met the SLO. ``time_budget`` bounds the whole comparison: each rate gets an
 equal share of what is left, so a slow target cannot eat the others' time.
+
+Every point keeps its requests' records (for the latency CDFs) and the server's own metrics over
+its load (server_metrics.py); the report adds PNG plots beside compare.json (plots.py).
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdserve.bench.load.loadgen import LoadConfig, run_load
+from pdserve.bench.load.server_metrics import ServerMetricsRecorder, headline
 from pdserve.bench.load.slo import Calibration, calibrate
 from pdserve.bench.load.stats import SLO, summarize
 from pdserve.bench.load.targets import RunningTarget, Target
 from pdserve.bench.load.workloads import RequestSpec
+
+if TYPE_CHECKING:
+    from pdserve.bench.load.plots import Plot
 
 ATTAINMENT_GOAL = 0.9
 
@@ -82,10 +89,11 @@ def run_compare(
                 count = max(int(math.ceil(rate * config.duration)), 1)
                 limit = min(share, config.duration * 3)
                 load = replace(base, rate=rate, time_limit=limit)
-                records = asyncio.run(run_load(load, specs_for(count, config.seed), progress=False))
+                with ServerMetricsRecorder(running.url) as server:
+                    records = asyncio.run(run_load(load, specs_for(count, config.seed), progress=False))
                 summary = summarize(records, slo)
                 point = {"rate": rate, "requests": count, "time_limit": limit, **summary.to_json(),
-                         "records": [r.to_json() for r in records]}
+                         "server_metrics": server.section, "records": [r.to_json() for r in records]}
                 entry["points"].append(point)
                 log(f"  {rate:g} req/s: {summary.completed}/{count} done, SLO attainment "
                     f"{(summary.slo_attainment or 0) * 100:.0f}%, goodput {summary.goodput or 0:.2f} req/s, "
@@ -97,7 +105,23 @@ def run_compare(
     return result
 
 
-def compare_markdown(result: dict[str, Any]) -> str:
+def is_comparison(data: dict[str, Any]) -> bool:
+    """compare.json (targets over rates), as opposed to one run's RUN.json."""
+    return "targets" in data and "rates" in data
+
+
+def write_compare_report(path: Path, result: dict[str, Any]) -> str:
+    """The plots (``<stem>-*.png``) and the Markdown (``<stem>.md``) of the comparison stored at
+    ``path``; returns the Markdown."""
+    # matplotlib loads slowly: only when rendering.
+    from pdserve.bench.load.plots import compare_plots
+
+    text = compare_markdown(result, compare_plots(result, path, ATTAINMENT_GOAL))
+    path.with_suffix(".md").write_text(text)
+    return text
+
+
+def compare_markdown(result: dict[str, Any], plots: Sequence[Plot] = ()) -> str:
     slo = result.get("slo") or {}
     lines = [f"# Comparison: workload {result.get('workload', '?')}", ""]
     if result.get("command"):
@@ -133,7 +157,29 @@ def compare_markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {p['rate']:g} | {_ms(p['ttft']['p50'])} / {_ms(p['ttft']['p90'])} | "
                          f"{_ms(p['tpot']['p50'])} / {_ms(p['tpot']['p90'])} | {_ms(p['itl']['p90'])} | "
                          f"{p['output_throughput']:.1f} |")
-    return "\n".join(lines) + "\n"
+    lines += _server_table(result)
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{plot.caption}]({plot.path.name})\n" for plot in plots]  # beside the .md
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _server_table(result: dict[str, Any]) -> list[str]:
+    """The servers' own view per point (pdserve targets), if any point recorded it."""
+    rows = []
+    for name, entry in result["targets"].items():
+        for p in entry.get("points", []):
+            if p.get("server_metrics", {}).get("router"):
+                h = headline(p["server_metrics"])
+                usage = "-" if h["kv_usage_mean"] is None else (
+                    f"{h['kv_usage_mean'] * 100:.0f}% / {(h['kv_usage_max'] or 0) * 100:.0f}%")
+                rows.append(f"| {name} | {p['rate']:g} | {_ms(h['queue_p90'])} | {_ms(h['prefill_p90'])} | "
+                            f"{_ms(h['kv_transfer_p90'])} | {_ms(h['decode_mean'])} | {usage} |")
+    if not rows:
+        return []
+    return ["", "Server-side, from the targets' /metrics over each load (p90s from histogram buckets):", "",
+            "| target | rate | queue p90 (ms) | prefill p90 (ms) | KV transfer p90 (ms) | decode per request, "
+            "mean (ms) | KV usage mean / max |", "|---|---|---|---|---|---|---|", *rows]
 
 
 def _ms(value: float | None) -> str:

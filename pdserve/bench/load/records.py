@@ -46,11 +46,15 @@ class RequestRecord:
 
     def inter_token_latencies(self) -> list[float]:
         """Gaps between successive chunks, each spread over the tokens the later chunk carried."""
+        return [gap for _, gap in self.timed_inter_token_latencies()]
+
+    def timed_inter_token_latencies(self) -> list[tuple[float, float]]:
+        """(arrival of the later chunk, gap) for every inter-token gap, as above."""
         gaps = []
         for i in range(1, len(self.chunk_times)):
             tokens = max(self.chunk_tokens[i] if i < len(self.chunk_tokens) else 1, 1)
             gap = self.chunk_times[i] - self.chunk_times[i - 1]
-            gaps.extend([gap / tokens] * tokens)
+            gaps.extend([(self.chunk_times[i], gap / tokens)] * tokens)
         return gaps
 
     def to_json(self) -> dict[str, Any]:

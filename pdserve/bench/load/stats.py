@@ -80,8 +80,20 @@ class Summary:
         return asdict(self)
 
 
+def latencies(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
+    """The completed requests' TTFTs, TPOTs, inter-token gaps and end-to-end times (seconds)."""
+    done = [r for r in records if r.ok]
+    return {
+        "ttft": [r.ttft for r in done if r.ttft is not None],
+        "tpot": [t for r in done if (t := r.tpot) is not None],
+        "itl": [gap for r in done for gap in r.inter_token_latencies()],
+        "e2e": [r.e2e for r in done if r.e2e is not None],
+    }
+
+
 def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summary:
     done = [r for r in records if r.ok]
+    values = latencies(records)
     starts = [r.sent for r in records]
     ends = [r.end for r in records if r.end is not None]
     duration = (max(ends) - min(starts)) if ends and starts else 0.0
@@ -94,10 +106,10 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summa
         duration=duration,
         request_throughput=per_second(len(done)),
         output_throughput=per_second(sum(r.output_tokens for r in done)),
-        ttft=Distribution.of([r.ttft for r in done if r.ttft is not None]),
-        tpot=Distribution.of([t for r in done if (t := r.tpot) is not None]),
-        itl=Distribution.of([gap for r in done for gap in r.inter_token_latencies()]),
-        e2e=Distribution.of([r.e2e for r in done if r.e2e is not None]),
+        ttft=Distribution.of(values["ttft"]),
+        tpot=Distribution.of(values["tpot"]),
+        itl=Distribution.of(values["itl"]),
+        e2e=Distribution.of(values["e2e"]),
         slo=slo,
         slo_attainment=(met / len(records) if records else math.nan) if met is not None else None,
         goodput=per_second(met) if met is not None else None,

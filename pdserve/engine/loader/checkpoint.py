@@ -117,3 +117,21 @@ def hash_file_tail(hasher: Hasher, path: Path, start: int, end: int | None = Non
             hasher.update(chunk)
             if remaining is not None:
                 remaining -= len(chunk)
+
+
+def read_model_architecture(path: str | None = None) -> LlamaArchitecture:
+    """The architecture of a GGUF file or HF directory without reading its weights (fast)."""
+    source = resolve_model_path(path, show_progress=False)
+    if source.is_dir():
+        import json
+
+        from pdserve.engine.loader.hf_loader import read_architecture as read_hf_architecture
+
+        return read_hf_architecture(json.loads((source / "config.json").read_text()))
+    from gguf import GGUFReader
+
+    from pdserve.engine.loader.gguf_loader import GGUFMetadata
+    from pdserve.engine.loader.gguf_loader import read_architecture as read_gguf_architecture
+
+    reader = GGUFReader(source)  # memory-mapped: only the header is read
+    return read_gguf_architecture(GGUFMetadata(dict(reader.fields)), {t.name for t in reader.tensors})

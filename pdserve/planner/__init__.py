@@ -1,0 +1,1 @@
+"""Capacity and cost planning: hardware and model catalogues, cost model, simulator, optimizer."""
