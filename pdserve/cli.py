@@ -134,6 +134,16 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", type=Path,
                         help="a RUN.json written by `pdserve bench serve`, or a compare.json by `pdserve bench compare`")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
+    from pdserve.planner.command import add_plan_arguments
+
+    plan = commands.add_parser(
+        "plan",
+        help="the cheapest fleet (hardware, TP, prefill:decode) meeting TTFT/TPOT SLOs at a rate",
+        description="Screen accelerators with the roofline, search colocated and disaggregated fleets "
+        "with the simulator for the cheapest one meeting the SLOs at --rate, print a ranked table and "
+        "write a Markdown report with plots.",
+    )
+    add_plan_arguments(plan)
     _add_serving_parsers(commands)
     return parser
 
@@ -261,11 +271,17 @@ def _bench(args: argparse.Namespace) -> int:
     return run_engine_benchmark(args)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from pdserve.planner.command import run_plan
+
+    return run_plan(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     handlers = {
         "generate": _generate, "export": _export, "bench": _bench,
-        "serve": _serve, "worker": _worker, "router": _router,
+        "serve": _serve, "worker": _worker, "router": _router, "plan": _plan,
     }
     try:
         return handlers[args.command](args)
