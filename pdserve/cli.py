@@ -142,10 +142,39 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Screen accelerators with the roofline, search colocated and disaggregated fleets "
         "with the simulator for the cheapest one meeting the SLOs at --rate, print a ranked table and "
         "write a Markdown report with plots.",
+        epilog="See also 'pdserve plan calibrate' (this machine's step costs) and 'pdserve plan validate' "
+        "(the simulator against a 'pdserve bench compare' run).",
     )
     add_plan_arguments(plan)
+    _add_plan_tool_parsers(commands)
     _add_serving_parsers(commands)
     return parser
+
+
+PLAN_TOOLS = ("calibrate", "validate")
+"""`pdserve plan TOOL ...`: spelled as subcommands of `plan`, parsed as `plan-TOOL` (see main)."""
+
+
+def _add_plan_tool_parsers(commands: argparse._SubParsersAction) -> None:
+    from pdserve.planner.calibrate_command import add_calibrate_arguments
+    from pdserve.planner.validate_command import add_validate_arguments
+
+    calibrate = commands.add_parser(
+        "plan-calibrate", prog="pdserve plan calibrate",
+        help="measure this machine's engine step costs: a profile for the planner's simulator",
+        description="Time prefill, decode and mixed steps of the real engine at --threads, fit the linear "
+        "step cost model (and the roofline's efficiencies) and write the profile JSON. Run it on an idle "
+        "machine. Also spelled 'pdserve plan-calibrate'.",
+    )
+    add_calibrate_arguments(calibrate)
+    validate = commands.add_parser(
+        "plan-validate", prog="pdserve plan validate",
+        help="replay a 'bench compare' run through the simulator with calibrated profiles; predicted vs measured",
+        description="For each pdserve target and rate of COMPARE.json files, replay the measured requests "
+        "through the simulator timed by the 1- and 2-thread profiles and compare TTFT and TPOT p50/p90; "
+        "writes validation.md, validation.json and validation.png. Also spelled 'pdserve plan-validate'.",
+    )
+    add_validate_arguments(validate)
 
 
 def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
@@ -277,11 +306,29 @@ def _plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def _plan_calibrate(args: argparse.Namespace) -> int:
+    from pdserve.planner.calibrate_command import run_calibrate
+
+    return run_calibrate(args)
+
+
+def _plan_validate(args: argparse.Namespace) -> int:
+    from pdserve.planner.validate_command import run_validate
+
+    return run_validate(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `plan` has required options of its own (--model, the SLOs), so argparse cannot also give it
+    # subcommands; `pdserve plan calibrate|validate ...` is routed to `plan-calibrate|validate`.
+    if len(argv) >= 2 and argv[0] == "plan" and argv[1] in PLAN_TOOLS:
+        argv = [f"plan-{argv[1]}", *argv[2:]]
     args = _build_parser().parse_args(argv)
     handlers = {
         "generate": _generate, "export": _export, "bench": _bench,
         "serve": _serve, "worker": _worker, "router": _router, "plan": _plan,
+        "plan-calibrate": _plan_calibrate, "plan-validate": _plan_validate,
     }
     try:
         return handlers[args.command](args)

@@ -1,0 +1,112 @@
+"""``pdserve plan calibrate [--threads N] [--quick] [--out FILE]``: this machine's step profile.
+
+Loads the engine at N threads (pinned to N cores, as ``pdserve serve`` pins its workers), times
+the calibration plan's steps (calibrate.py; progress on stderr), fits the linear step cost
+(step_profile.py) and, unless --skip-roofline, measures this machine's GEMM and copy peaks and
+fits the roofline's efficiencies to the same samples; writes the profile JSON and prints both
+fits. Do not run it beside other CPU-heavy work: it measures the machine as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pdserve.planner.step_profile import StepProfile
+
+PROFILE_DIR = Path("benchmarks/results/profiles")
+
+
+def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, and cores the process is pinned to (default: every usable core)")
+    parser.add_argument("--quick", action="store_true", help="a smaller plan: about a minute instead of 2-5")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"profile JSON (default: {PROFILE_DIR}/<model>-<threads>t.json)")
+    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: the default model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="compute dtype, as the workers run (default: auto)")
+    parser.add_argument("--skip-roofline", action="store_true",
+                        help="do not measure the machine's peaks nor fit the roofline's efficiencies")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    # Heavy imports (torch, the engine) only when the command runs.
+    from pdserve.bench.engine import machine_info
+    from pdserve.engine.config import ModelConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.planner.calibrate import (
+        QUICK_PLAN,
+        STANDARD_PLAN,
+        fit_roofline,
+        measure_samples,
+        model_spec_of,
+    )
+    from pdserve.planner.step_profile import StepProfile, fit_linear, save_profile
+
+    cores = sorted(os.sched_getaffinity(0))
+    threads = args.threads or len(cores)
+    if not 1 <= threads <= len(cores):
+        print(f"pdserve plan calibrate: error: --threads must be 1..{len(cores)} (usable cores)", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, cores[:threads])
+    plan = QUICK_PLAN if args.quick else STANDARD_PLAN
+    engine = LLMEngine(plan.engine_config(ModelConfig(path=args.model, dtype=args.dtype, num_threads=threads)))
+    try:
+        dtype = str(engine.model.dtype).removeprefix("torch.")
+        layout = engine.kv_pool.layout
+        print(f"calibrating {engine.model_name} ({dtype}) at {threads} thread(s) on core(s) "
+              f"{','.join(map(str, cores[:threads]))}, budget {plan.time_budget_s:.0f} s", file=sys.stderr)
+        samples = measure_samples(engine, plan)
+        coefficients, fit = fit_linear(samples)
+        roofline = None
+        if not args.skip_roofline:
+            from pdserve.bench.machine_peaks import measure_peaks
+
+            peaks = measure_peaks(threads)
+            roofline = fit_roofline(samples, model_spec_of(engine), dtype, peaks.flops_per_second,
+                                    peaks.bytes_per_second)
+        profile = StepProfile(
+            model=engine.model_name, dtype=dtype, threads=threads,
+            kv_bytes_per_token=layout.bytes_per_block // layout.block_size,
+            coefficients=coefficients, fit=fit, samples=tuple(samples), machine=machine_info(threads),
+            created=datetime.now(UTC).isoformat(timespec="seconds"), roofline=roofline,
+        )
+    finally:
+        engine.close()
+    out = args.out or PROFILE_DIR / f"{_file_stem(profile.model)}-{threads}t.json"
+    save_profile(profile, out)
+    print(profile_summary(profile))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def profile_summary(profile: StepProfile) -> str:
+    """The fitted coefficients and both fits' quality, as a few lines of text."""
+    c, fit = profile.coefficients, profile.fit
+    lines = [
+        f"{profile.model} ({profile.dtype}), {profile.threads} thread(s), {fit.num_samples} samples",
+        f"  step = {c.per_step_s * 1e3:.2f} ms + {c.per_prefill_token_s * 1e3:.3f} ms/prompt token"
+        f" + {c.per_attention_pair_s * 1e9:.2f} ns/attention pair + {c.per_decode_seq_s * 1e3:.3f} ms/decode"
+        f" + {c.per_decode_context_token_s * 1e6:.3f} us/decode context token",
+        f"  linear fit: R^2 {fit.r_squared:.4f}, relative error mean {fit.mean_relative_error:.1%}, "
+        f"max {fit.max_relative_error:.1%}",
+    ]
+    roof = profile.roofline
+    if roof is not None:
+        lines.append(
+            f"  roofline fit: peaks {roof.peak_flops_per_s / 1e9:.1f} GFLOP/s, {roof.memory_bytes_per_s / 1e9:.1f} GB/s;"
+            f" efficiency compute {roof.compute:.3f}, bandwidth {roof.bandwidth:.3f}, overhead "
+            f"{roof.step_overhead_s * 1e3:.2f} ms; R^2 {roof.fit.r_squared:.4f}, relative error mean "
+            f"{roof.fit.mean_relative_error:.1%}, max {roof.fit.max_relative_error:.1%}")
+    return "\n".join(lines)
+
+
+def _file_stem(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
