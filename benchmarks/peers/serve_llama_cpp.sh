@@ -16,7 +16,7 @@
 #   LLAMA_EXTRA_ARGS   more server flags, split on spaces (e.g. "--flash_attn True")
 set -euo pipefail
 PEER=llama-cpp
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
 [[ $# -ge 1 && $# -le 2 && "$1" =~ ^[0-9]+$ ]] || { echo "usage: $0 PORT [CORES]" >&2; exit 2; }

