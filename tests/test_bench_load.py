@@ -184,3 +184,19 @@ def test_targets_run_on_their_cores_and_a_missing_peer_says_why(tmp_path: Path, 
     for name in ("vllm-cpu", "llama-cpp"):
         with pytest.raises(RuntimeError, match=f"{name} exited with .*install_"):
             RunningTarget(TARGETS[name], tmp_path / f"{name}.log", ready_timeout=30)
+
+
+def test_calibration_and_rate_points_never_repeat_a_prompt() -> None:
+    from pdserve.bench.load.compare import point_seed
+    from pdserve.bench.load.slo import calibration_requests
+
+    specs = synthetic_requests("summarize", 64, seed=0)
+    prefills, decodes = calibration_requests(specs, repeats=3, decode_tokens=32)
+    median = sorted(s.approx_prompt_tokens for s in specs)[32]
+    # A repeated prompt would time a prefix-cache hit, not a prefill.
+    assert len({s.prompt for s in prefills + decodes}) == 6
+    assert {len(s.prompt.split()) for s in prefills + decodes} == {median}
+    assert [s.max_tokens for s in prefills + decodes] == [1, 1, 1, 32, 32, 32]
+    # Each rate point gets its own prompts (a server keeps its cache from one point to the next).
+    points = [{s.prompt for s in synthetic_requests("summarize", 8, point_seed(0, i))} for i in range(3)]
+    assert not (points[0] & points[1]) and not (points[1] & points[2])

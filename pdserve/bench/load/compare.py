@@ -44,6 +44,13 @@ class CompareConfig:
     seed: int = 0
 
 
+def point_seed(seed: int, rate_index: int) -> int:
+    """The prompts of one rate point: the same for every target (a fair comparison), different
+    from the other points' (a server keeps its prefix cache from one point to the next, and a
+    repeated prompt would be a cache hit) and from the SLO calibration's."""
+    return seed + 1000 * (rate_index + 1)
+
+
 def max_rate_meeting_goal(points: Sequence[dict[str, Any]], goal: float = ATTAINMENT_GOAL) -> float | None:
     """The highest rate whose SLO attainment is at least ``goal`` (None if none is)."""
     meeting = [p["rate"] for p in points if p["slo_attainment"] is not None and p["slo_attainment"] >= goal]
@@ -78,7 +85,7 @@ def run_compare(
                 slo = calibration.slo
                 result["slo_basis"] = {"target": target.name, **asdict(calibration)}
             result["slo"] = asdict(slo)
-            for rate in config.rates:
+            for rate_index, rate in enumerate(config.rates):
                 left = config.time_budget - (time.monotonic() - started)
                 share = left / max(runs_left, 1)
                 runs_left -= 1
@@ -90,7 +97,8 @@ def run_compare(
                 limit = min(share, config.duration * 3)
                 load = replace(base, rate=rate, time_limit=limit)
                 with ServerMetricsRecorder(running.url) as server:
-                    records = asyncio.run(run_load(load, specs_for(count, config.seed), progress=False))
+                    specs = specs_for(count, point_seed(config.seed, rate_index))
+                    records = asyncio.run(run_load(load, specs, progress=False))
                 summary = summarize(records, slo)
                 point = {"rate": rate, "requests": count, "time_limit": limit, **summary.to_json(),
                          "server_metrics": server.section, "records": [r.to_json() for r in records]}

@@ -2,7 +2,8 @@
 
 TTFT SLO = 3x the time to first token of the median prompt sent alone; TPOT SLO = 3x the time per
 output token of one request decoding alone (batch 1). Measured on the target itself, one
-request at a time, before the load starts — so the SLOs describe the hardware, and are not
+request at a time, before the load starts, each time with a different prompt of the median's
+length (a repeated prompt would time a prefix-cache hit) — so the SLOs describe the hardware, and are not
 tuned until one configuration wins. The factor and the measured bases go into the report.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from pdserve.bench.load.loadgen import LoadConfig, run_load
 from pdserve.bench.load.stats import SLO
-from pdserve.bench.load.workloads import RequestSpec
+from pdserve.bench.load.workloads import RequestSpec, with_fresh_prompt
 
 FACTOR = 3.0
 
@@ -32,13 +33,23 @@ class Calibration:
         return SLO(ttft=self.factor * self.isolated_ttft, tpot=self.factor * self.isolated_tpot)
 
 
-async def calibrate(config: LoadConfig, specs: Sequence[RequestSpec], repeats: int = 3,
-                    decode_tokens: int = 32) -> Calibration:
+def calibration_requests(specs: Sequence[RequestSpec], repeats: int, decode_tokens: int,
+                         ) -> tuple[list[RequestSpec], list[RequestSpec]]:
+    """The median prompt's length, ``repeats`` times for TTFT (one token out) and again for TPOT,
+    every one a different prompt."""
     by_length = sorted(specs, key=lambda s: s.approx_prompt_tokens)
     median = by_length[len(by_length) // 2]
+    prefills = [replace(with_fresh_prompt(median, i), max_tokens=1) for i in range(repeats)]
+    decodes = [replace(with_fresh_prompt(median, repeats + i), max_tokens=decode_tokens) for i in range(repeats)]
+    return prefills, decodes
+
+
+async def calibrate(config: LoadConfig, specs: Sequence[RequestSpec], repeats: int = 3,
+                    decode_tokens: int = 32) -> Calibration:
+    prefill_specs, decode_specs = calibration_requests(specs, repeats, decode_tokens)
     alone = replace(config, rate=None, concurrency=1, time_limit=max(config.time_limit, 120.0))
-    prefills = await run_load(alone, [replace(median, max_tokens=1)] * repeats, progress=False)
-    decodes = await run_load(alone, [replace(median, max_tokens=decode_tokens)] * repeats, progress=False)
+    prefills = await run_load(alone, prefill_specs, progress=False)
+    decodes = await run_load(alone, decode_specs, progress=False)
     ttfts = [r.ttft for r in prefills if r.ok and r.ttft is not None]
     tpots = [t for r in decodes if (t := r.tpot) is not None]
     if not ttfts or not tpots:

@@ -100,6 +100,15 @@ def synthetic_requests(workload: str, count: int, seed: int = 0, shared_prefix_t
     return specs
 
 
+def with_fresh_prompt(spec: RequestSpec, seed: int) -> RequestSpec:
+    """``spec`` with another prompt of the same length: requests that must not share a prefix-cache
+    hit (an SLO calibration timing a prompt several times, say) but cost the same."""
+    rng = random.Random(f"fresh-{seed}")
+    words = len(spec.prompt.split())
+    return RequestSpec(" ".join(rng.choice(_WORDS) for _ in range(words)), spec.max_tokens, spec.kind,
+                       spec.approx_prompt_tokens)
+
+
 def dataset_requests(path: Path, count: int, default_max_tokens: int = 128, seed: int = 0) -> list[RequestSpec]:
     """``count`` requests drawn (seeded, with replacement when the file is shorter) from a JSONL file."""
     rows = []
