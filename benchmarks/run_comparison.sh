@@ -25,11 +25,11 @@ started=$(date +%s)
 say() { echo "[comparison $(date +%H:%M:%S)] $*" >&2; }
 
 say "1/3 mixed workload"
-"$PDSERVE" bench compare --workload mixed --targets "$TARGETS" --rates 0.05,0.1,0.2 --duration 50 \
-  --time-budget 1200 --out "$OUT/mixed"
+"$PDSERVE" bench compare --workload mixed --targets "$TARGETS" --rates 0.1,0.2,0.4 --duration 40 \
+  --time-budget 1500 --out "$OUT/mixed"
 say "1/3 summarize workload"
-"$PDSERVE" bench compare --workload summarize --targets "$TARGETS" --rates 0.05,0.1,0.2 --duration 50 \
-  --time-budget 960 --out "$OUT/summarize"
+"$PDSERVE" bench compare --workload summarize --targets "$TARGETS" --rates 0.1,0.2,0.4 --duration 40 \
+  --time-budget 1300 --out "$OUT/summarize"
 
 # A server on CORES until the function's caller kills it; waits for READY_PATH.
 start_server() {  # name cores ready_path command...
