@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
+from pdserve.bench.load.server_metrics import parse_metrics
 from pdserve.bench.workload_profile import (
     MachinePeaks,
     ModelCosts,
     implied_ratio,
-    parse_step_work,
     split_phases,
-    subtract,
+    step_work_from_counters,
     utilization,
 )
 from pdserve.engine.architecture import LlamaArchitecture
@@ -68,11 +68,13 @@ def test_the_counters_survive_the_prometheus_round_trip() -> None:
                   "decode_tokens": 3, "decode_context_tokens": 900},
     }
     stats = {"num_blocks": 10, "num_free_blocks": 10, "num_running": 0, "num_waiting": 0, "step_work": step_work}
-    text = generate_latest(WorkerMetrics("both", lambda: stats).registry).decode()
-    work = parse_step_work([text, text])  # two workers: summed
+    scrape = parse_metrics(generate_latest(WorkerMetrics("both", lambda: stats).registry).decode())
+    work = step_work_from_counters([scrape.counters, scrape.counters])  # two workers: summed
     for kind, fields in step_work.items():
         assert {k: v * 2 for k, v in fields.items()} == pytest.approx(vars(work[kind]))
-    assert subtract(work, parse_step_work([text]))["decode"].decode_tokens == 20
+    step_work["decode"]["decode_tokens"] = 50
+    later = parse_metrics(generate_latest(WorkerMetrics("both", lambda: stats).registry).decode())
+    assert step_work_from_counters([later.minus(scrape).counters])["decode"].decode_tokens == 30
 
 
 def _work(prefill: StepWork, decode: StepWork, mixed: StepWork) -> dict[str, StepWork]:

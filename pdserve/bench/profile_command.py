@@ -18,8 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from pdserve.bench.load.workloads import WORKLOADS
 
 
@@ -45,17 +43,19 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
 def run_profile_workload(args: argparse.Namespace) -> int:
     import os
 
+    import torch
+
     from pdserve.bench.load.loadgen import LoadConfig, run_load
     from pdserve.bench.load.report import environment
+    from pdserve.bench.load.server_metrics import ServerMetricsRecorder
     from pdserve.bench.load.targets import PDSERVE_TARGETS, RunningTarget
     from pdserve.bench.load.workloads import synthetic_requests
     from pdserve.bench.machine_peaks import measure_peaks
     from pdserve.bench.workload_profile import (
         ModelCosts,
         markdown,
-        parse_step_work,
         profile,
-        subtract,
+        step_work_from_counters,
     )
     from pdserve.engine.device import resolve_dtype
     from pdserve.engine.loader.checkpoint import read_model_architecture
@@ -68,7 +68,7 @@ def run_profile_workload(args: argparse.Namespace) -> int:
     print(f"measuring this machine's peaks ({threads} thread(s)): fp32 GEMM and memory copy...", file=sys.stderr)
     peaks = measure_peaks(threads)
     arch = read_model_architecture(args.model)
-    element_bytes = _element_size(resolve_dtype("auto", _cpu()))
+    element_bytes = torch.empty(0, dtype=resolve_dtype("auto", torch.device("cpu"))).element_size()
     costs = ModelCosts.of(arch, element_bytes, element_bytes)
 
     server = None
@@ -79,21 +79,25 @@ def run_profile_workload(args: argparse.Namespace) -> int:
         model_flags = ("--model", args.model) if args.model else ()
         server = RunningTarget(PDSERVE_TARGETS["colocated"], log_path, model_flags)
         url = server.url
+    headers = {"Authorization": f"Bearer {args.worker_secret}"} if args.worker_secret else None
     try:
-        worker_urls = _worker_urls(url)
-        before = parse_step_work(_scrape(worker_urls, args.worker_secret))
         specs = synthetic_requests(args.workload, args.num_requests, args.seed)
         config = LoadConfig(base_url=url, rate=args.rate, concurrency=args.concurrency or 4,
                             time_limit=args.time_limit, seed=args.seed)
         how = f"{args.rate:g} req/s" if args.rate is not None else f"{config.concurrency} concurrent"
         print(f"sending {len(specs)} {args.workload} requests, {how}...", file=sys.stderr)
-        started = time.monotonic()
-        records = asyncio.run(run_load(config, specs))
-        wall = time.monotonic() - started
-        after = parse_step_work(_scrape(worker_urls, args.worker_secret))
+        with ServerMetricsRecorder(url, headers=headers) as recorder:
+            started = time.monotonic()
+            records = asyncio.run(run_load(config, specs))
+            wall = time.monotonic() - started
     finally:
         if server is not None:
             server.stop()
+    workers = recorder.section.get("workers", [])
+    if not workers:
+        unreachable = ", ".join(recorder.section.get("unreachable", [])) or "none listed by the router"
+        print(f"pdserve bench profile-workload: no worker's /metrics could be read ({unreachable})", file=sys.stderr)
+        return 1
 
     result: dict[str, Any] = {
         **environment(),
@@ -101,7 +105,7 @@ def run_profile_workload(args: argparse.Namespace) -> int:
         "target": url if args.url else "pdserve colocated (one worker on this process's cores)",
         "load": asdict(config),
         "requests": {"sent": len(records), "completed": sum(r.ok for r in records)},
-        **profile(subtract(after, before), wall, costs, peaks),
+        **profile(step_work_from_counters(w["counters"] for w in workers), wall, costs, peaks),
         "command": "pdserve " + shlex.join(sys.argv[1:]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,30 +116,3 @@ def run_profile_workload(args: argparse.Namespace) -> int:
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
     return 0 if result["requests"]["completed"] else 1
 
-
-def _worker_urls(router_url: str) -> list[str]:
-    response = httpx.get(f"{router_url.rstrip('/')}/admin/workers", timeout=10)
-    response.raise_for_status()
-    return [worker["url"] for worker in response.json()["workers"]]
-
-
-def _scrape(worker_urls: list[str], secret: str | None) -> list[str]:
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    texts = []
-    for url in worker_urls:
-        response = httpx.get(f"{url.rstrip('/')}/metrics", headers=headers, timeout=10)
-        response.raise_for_status()
-        texts.append(response.text)
-    return texts
-
-
-def _cpu() -> Any:
-    import torch
-
-    return torch.device("cpu")
-
-
-def _element_size(dtype: Any) -> int:
-    import torch
-
-    return int(torch.empty(0, dtype=dtype).element_size())

@@ -22,49 +22,36 @@ each decode token reads; prefill's KV writes and activations are left out (small
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from pdserve.bench.load.server_metrics import metric_key
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.step_counters import STEP_KINDS, StepWork
 
 _STEP_FIELDS = {
-    ("pdserve_worker_engine_steps", None): "steps",
-    ("pdserve_worker_engine_step_seconds", None): "seconds",
-    ("pdserve_worker_engine_tokens", "prefill"): "prefill_tokens",
-    ("pdserve_worker_engine_tokens", "decode"): "decode_tokens",
-    ("pdserve_worker_engine_attended_positions", "prefill"): "prefill_attention_pairs",
-    ("pdserve_worker_engine_attended_positions", "decode"): "decode_context_tokens",
+    ("pdserve_worker_engine_steps_total", None): "steps",
+    ("pdserve_worker_engine_step_seconds_total", None): "seconds",
+    ("pdserve_worker_engine_tokens_total", "prefill"): "prefill_tokens",
+    ("pdserve_worker_engine_tokens_total", "decode"): "decode_tokens",
+    ("pdserve_worker_engine_attended_positions_total", "prefill"): "prefill_attention_pairs",
+    ("pdserve_worker_engine_attended_positions_total", "decode"): "decode_context_tokens",
 }
 
 
-def parse_step_work(metrics_texts: list[str]) -> dict[str, StepWork]:
-    """Sum the step counters of every worker's Prometheus text, by step kind."""
+def step_work_from_counters(workers_counters: Iterable[dict[str, float]]) -> dict[str, StepWork]:
+    """Sum the engine step counters of every worker, by step kind. Each dict is a worker's
+    counters as `bench/load/server_metrics.py` keys them (a :class:`Snapshot`'s, or the deltas of
+    a load in `ServerMetricsRecorder.section`)."""
     totals = {kind: StepWork() for kind in STEP_KINDS}
-    for text in metrics_texts:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.name.endswith("_total"):
-                    continue
-                base = sample.name[: -len("_total")]
-                field = _STEP_FIELDS.get((base, sample.labels.get("phase")))
-                kind = sample.labels.get("kind")
-                if field is None or kind not in totals:
-                    continue
-                work = totals[kind]
-                value = sample.value if field == "seconds" else int(sample.value)
-                setattr(work, field, getattr(work, field) + value)
+    for counters in workers_counters:
+        for kind, work in totals.items():
+            for (name, phase), field in _STEP_FIELDS.items():
+                labels = {"kind": kind} | ({"phase": phase} if phase else {})
+                value = counters.get(metric_key(name, labels), 0.0)
+                setattr(work, field, getattr(work, field) + (value if field == "seconds" else int(value)))
     return totals
-
-
-def subtract(after: dict[str, StepWork], before: dict[str, StepWork]) -> dict[str, StepWork]:
-    """The work done between two scrapes."""
-    return {
-        kind: StepWork(**{name: value - getattr(before[kind], name) for name, value in asdict(work).items()})
-        for kind, work in after.items()
-    }
 
 
 @dataclass(frozen=True)

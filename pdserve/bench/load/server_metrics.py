@@ -97,7 +97,7 @@ def parse_metrics(text: str) -> Snapshot:
             parts: dict[str, dict[str, Any]] = {}
             for sample in family.samples:
                 labels = {k: v for k, v in sample.labels.items() if k != "le"}
-                part = parts.setdefault(_key(family.name, labels), {"buckets": [], "count": 0.0, "sum": 0.0})
+                part = parts.setdefault(metric_key(family.name, labels), {"buckets": [], "count": 0.0, "sum": 0.0})
                 if sample.name.endswith("_bucket"):
                     part["buckets"].append((float(sample.labels["le"]), float(sample.value)))
                 elif sample.name.endswith("_count"):
@@ -109,10 +109,10 @@ def parse_metrics(text: str) -> Snapshot:
         elif family.type == "counter":
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    counters[_key(sample.name, sample.labels)] = float(sample.value)
+                    counters[metric_key(sample.name, sample.labels)] = float(sample.value)
         elif family.type == "gauge" and not family.name.endswith("_created"):  # creation stamps: no use
             for sample in family.samples:
-                gauges[_key(sample.name, sample.labels)] = float(sample.value)
+                gauges[metric_key(sample.name, sample.labels)] = float(sample.value)
     return Snapshot(histograms, counters, gauges)
 
 
@@ -161,8 +161,11 @@ class ServerMetricsRecorder:
     load generator's timing on the same cores.
     """
 
-    def __init__(self, base_url: str, sample_interval: float = 1.0, timeout: float = 5.0) -> None:
+    def __init__(self, base_url: str, sample_interval: float = 1.0, timeout: float = 5.0,
+                 headers: dict[str, str] | None = None) -> None:
+        """``headers``: sent with every scrape (a Bearer token for workers behind a secret)."""
         self.base_url = base_url.rstrip("/")
+        self.headers = headers or {}
         self.sample_interval = sample_interval
         self.timeout = timeout
         self.section: dict[str, Any] = {}
@@ -173,7 +176,7 @@ class ServerMetricsRecorder:
         self._sampler: threading.Thread | None = None
 
     def __enter__(self) -> ServerMetricsRecorder:
-        with httpx.Client(timeout=self.timeout) as client:
+        with httpx.Client(timeout=self.timeout, headers=self.headers) as client:
             router = Endpoint(f"{self.base_url}/metrics", "router")
             snapshot = _scrape(client, router.url)
             if snapshot is None or not (snapshot.histograms or snapshot.counters):
@@ -197,7 +200,7 @@ class ServerMetricsRecorder:
         if not self._before:
             return
         sources: list[dict[str, Any]] = []
-        with httpx.Client(timeout=self.timeout) as client:
+        with httpx.Client(timeout=self.timeout, headers=self.headers) as client:
             for endpoint, before in self._before.items():
                 after = _scrape(client, endpoint.url)
                 if after is None:
@@ -212,7 +215,7 @@ class ServerMetricsRecorder:
                         "unreachable": self._unreachable, "sample_interval": self.sample_interval}
 
     def _sample(self) -> None:
-        with httpx.Client(timeout=self.timeout) as client:
+        with httpx.Client(timeout=self.timeout, headers=self.headers) as client:
             while not self._stop.wait(self.sample_interval):
                 for endpoint, texts in self._samples.items():
                     try:
@@ -250,7 +253,8 @@ def _scrape(client: httpx.Client, url: str) -> Snapshot | None:
         return None
 
 
-def _key(name: str, labels: dict[str, str]) -> str:
+def metric_key(name: str, labels: dict[str, str]) -> str:
+    """How a sample is keyed in a :class:`Snapshot`: ``name{label="value",...}``, labels sorted."""
     if not labels:
         return name
     return name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
