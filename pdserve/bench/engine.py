@@ -277,11 +277,14 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
 def decode_weight_bytes(model: LlamaModel) -> int:
     """Bytes of weights one decode step reads: all projections and norms, the LM head once
     (with tied embeddings it is the embedding matrix; the lookup itself reads only a few rows)."""
+    from pdserve.engine.onednn_linear import OneDnnLinear
     from pdserve.engine.quantization import PackedLinear
 
     def read_bytes(weight: object) -> int:
         if isinstance(weight, torch.Tensor):
             return weight.numel() * weight.element_size()
+        if isinstance(weight, OneDnnLinear):
+            return weight.nbytes
         if isinstance(weight, PackedLinear):
             return _packed_kernel_bytes(weight)
         return 0

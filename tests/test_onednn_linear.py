@@ -1,0 +1,56 @@
+"""Pre-packed bf16 linear layers (oneDNN) against F.linear / addmm on the model's real weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fixtures_model import checkpoint  # noqa: F401
+from pdserve.engine.loader import Checkpoint
+from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
+
+CPU = torch.device("cpu")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn_bf16_available(CPU, torch.bfloat16), reason="oneDNN has no bf16 kernels for this CPU"
+)
+
+
+def test_only_bf16_cpu_weights_are_packed() -> None:
+    assert not onednn_bf16_available(CPU, torch.float32)
+    assert not onednn_bf16_available(torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 CPU weight"):
+        OneDnnLinear(torch.zeros(8, 8))
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_packed_linear_equals_f_linear(checkpoint: Checkpoint, rows: int) -> None:  # noqa: F811
+    weight = checkpoint.weights["model.layers.3.mlp.gate_proj.weight"].to(torch.bfloat16)
+    layer = OneDnnLinear(weight)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, weight.shape[1], generator=generator).to(torch.bfloat16)
+    residual = torch.randn(rows, weight.shape[0], generator=generator).to(torch.bfloat16)
+
+    torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=0, atol=0)
+    # The fused add rounds once to bf16 where addmm may round the product first: within an ulp.
+    expected = (x.float() @ weight.float().t() + residual.float()).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x, residual), expected, rtol=2**-7, atol=1e-2)
+    assert layer.nbytes == weight.numel() * 2
+
+
+@needs_onednn_bf16
+def test_bf16_model_packs_its_projections_and_head(checkpoint: Checkpoint) -> None:  # noqa: F811
+    from pdserve.engine.model import LlamaModel
+
+    model = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.bfloat16, CPU, max_positions=64)
+    layer = model.layers[0]
+    assert all(isinstance(w, OneDnnLinear) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert model.lm_head_onednn is not None
+    # The engine benchmark's bandwidth floor still counts every weight once (the head is tied).
+    from pdserve.bench.engine import decode_weight_bytes
+
+    assert checkpoint.architecture.tie_word_embeddings
+    assert decode_weight_bytes(model) == 2 * sum(w.numel() for w in checkpoint.weights.values())
+    fp32 = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.float32, CPU, max_positions=64)
+    assert isinstance(fp32.layers[0].qkv, torch.Tensor) and fp32.lm_head_onednn is None
