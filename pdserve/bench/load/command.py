@@ -150,6 +150,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", default="0.25,0.5,1,2", help="request rates to sweep (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=60.0,
                         help="seconds of arrivals per rate; requests = rate x duration (default: 60)")
+    parser.add_argument("--requests-per-rate", type=int, default=None, metavar="N",
+                        help="instead of --duration: N requests at every rate (arrivals over N / rate "
+                        "seconds), so low rates are measured on as many requests as high ones")
     parser.add_argument("--time-budget", type=float, default=3600.0,
                         help="seconds the whole comparison may take (default: 3600)")
     parser.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds (default: calibrated)")
@@ -176,6 +179,9 @@ def run_compare_bench(args: argparse.Namespace) -> int:
         print("pdserve bench compare: give both --slo-ttft and --slo-tpot, or neither", file=sys.stderr)
         return 2
     rates = tuple(float(r) for r in args.rates.split(","))
+    if any(rate <= 0 for rate in rates) or (args.requests_per_rate is not None and args.requests_per_rate < 1):
+        print("pdserve bench compare: rates and --requests-per-rate must be positive", file=sys.stderr)
+        return 2
     fixed = parse_fixed_lengths(args.fixed_lengths)
     synthetic_requests(args.workload, 1, fixed=fixed)  # refuse a bad workload before starting servers
     out = args.out or Path("benchmarks/results/compare") / f"{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -188,7 +194,7 @@ def run_compare_bench(args: argparse.Namespace) -> int:
         print(f"[compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
     slo = SLO(args.slo_ttft, args.slo_tpot) if args.slo_ttft is not None else None
-    config = CompareConfig(rates, args.duration, args.time_budget, args.seed)
+    config = CompareConfig(rates, args.duration, args.time_budget, args.seed, args.requests_per_rate)
     result = run_compare([TARGETS[n] for n in names], specs_for, config, out, log, slo)
     result = {**environment(), "workload": args.workload, **result}
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -42,6 +42,15 @@ class CompareConfig:
     """Seconds of arrivals per rate (requests = rate x duration)."""
     time_budget: float = 3600.0
     seed: int = 0
+    requests_per_rate: int | None = None
+    """When set, every rate point sends this many requests (arrivals span requests / rate
+    seconds) instead of rate x duration: low rates then get as many samples as high ones."""
+
+    def point_size(self, rate: float) -> tuple[int, float]:
+        """(requests, seconds of arrivals) of the point at ``rate``."""
+        if self.requests_per_rate is not None:
+            return self.requests_per_rate, self.requests_per_rate / rate
+        return max(int(math.ceil(rate * self.duration)), 1), self.duration
 
 
 def point_seed(seed: int, rate_index: int) -> int:
@@ -93,8 +102,8 @@ def run_compare(
                     log(f"  {rate:g} req/s: skipped, the time budget is spent")
                     entry["points"].append({"rate": rate, "skipped": "time budget", "slo_attainment": None})
                     continue
-                count = max(int(math.ceil(rate * config.duration)), 1)
-                limit = min(share, config.duration * 3)
+                count, arrivals = config.point_size(rate)
+                limit = min(share, arrivals * 3)
                 load = replace(base, rate=rate, time_limit=limit)
                 with ServerMetricsRecorder(running.url) as server:
                     specs = specs_for(count, point_seed(config.seed, rate_index))
