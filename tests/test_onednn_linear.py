@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fixtures_model import checkpoint  # noqa: F401
+
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 

@@ -8,13 +8,8 @@ import pytest
 
 from pdserve.bench.load.server_metrics import parse_metrics
 from pdserve.bench.load.stats import SLO
-from pdserve.planner.online import (
-    LiveLoad,
-    PoolSizes,
-    decode_requests_per_second,
-    prefill_seconds,
-    recommend_pools,
-)
+from pdserve.planner.capacity import BatchRate, decode_rate, prefill_rate, prefill_seconds
+from pdserve.planner.online import LiveLoad, PoolSizes, recommend_pools
 
 
 class ToyCost:
@@ -34,7 +29,11 @@ def test_sizes_follow_the_cost_model() -> None:
     # 500 tokens in chunks of 200: 3 steps, 3 * 5 ms + 500 ms.
     assert prefill_seconds(cost, 500, 200) == pytest.approx(0.515)
     # Steps of 10 + B ms within 50 ms: B <= 40; 40 requests per (100 steps * 50 ms) = 8 req/s.
-    assert decode_requests_per_second(cost, 550, 101, 0.050, 256) == (pytest.approx(8.0), 40)
+    assert decode_rate(cost, 550, 101, 0.050, 256) == BatchRate(pytest.approx(8.0), 40)
+    assert decode_rate(cost, 550, 101, 0.010, 256) is None  # one sequence alone takes 11 ms
+    # Prompts of 100 in a 512 budget: 5 per step of 5 + 500 ms; of 1000: 2 steps, 1.01 s.
+    assert prefill_rate(cost, 100, 512) == pytest.approx(5 / 0.505)
+    assert prefill_rate(cost, 1000, 512) == pytest.approx(1 / 1.010)
     load = LiveLoad(arrival_rate=2.0, mean_input_tokens=500, mean_output_tokens=101)
     sizes = recommend_pools(load, cost, cost, SLO(ttft=1.0, tpot=0.050))
     # Prefill: 2 req/s * 0.505 s (one chunk of 500 at the default 2048) / 0.8 = 1.26 -> 2.

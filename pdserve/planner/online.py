@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from pdserve.bench.load.server_metrics import Snapshot
 from pdserve.bench.load.stats import SLO
+from pdserve.planner.capacity import decode_rate, prefill_seconds
 from pdserve.planner.cost import StepCostModel
 
 
@@ -78,32 +79,6 @@ class SizingPolicy:
     kv_high_water: float = 0.85
 
 
-def prefill_seconds(cost: StepCostModel, prompt_tokens: int, chunk: int) -> float:
-    """One prompt alone, in chunks of at most ``chunk`` tokens."""
-    seconds, done = 0.0, 0
-    while done < prompt_tokens:
-        size = min(chunk, prompt_tokens - done)
-        seconds += cost.step_seconds([(size, done)], [])
-        done += size
-    return seconds
-
-
-def decode_requests_per_second(cost: StepCostModel, context: int, output_tokens: float, tpot: float,
-                               max_batch: int) -> tuple[float, int]:
-    """(requests/s one decode worker serves within the TPOT SLO, the batch that does it); (0, 0)
-    when even one sequence's step is over the SLO."""
-    best, best_batch = 0.0, 0
-    steps = max(output_tokens - 1, 1.0)
-    for batch in range(1, max_batch + 1):
-        step = cost.step_seconds([], [context] * batch)
-        if step > tpot:
-            break
-        rate = batch / (steps * step)
-        if rate > best:
-            best, best_batch = rate, batch
-    return best, best_batch
-
-
 def recommend_pools(load: LiveLoad, prefill_cost: StepCostModel, decode_cost: StepCostModel, slo: SLO,
                     current: PoolSizes | None = None, policy: SizingPolicy | None = None) -> PoolSizes:
     """The pool sizes for ``load`` (at least one worker each)."""
@@ -115,12 +90,11 @@ def recommend_pools(load: LiveLoad, prefill_cost: StepCostModel, decode_cost: St
     reasons.append(f"prefill: {load.arrival_rate:.3g} req/s x {per_prompt:.3g} s per {prompt}-token prompt "
                    f"at {policy.target_utilization:.0%} busy -> {max(prefill, 1)}")
     context = prompt + round(load.mean_output_tokens / 2)
-    per_worker, batch = decode_requests_per_second(decode_cost, context, load.mean_output_tokens, slo.tpot,
-                                                   policy.max_batch)
-    if per_worker > 0:
-        decode = math.ceil(load.arrival_rate / (per_worker * policy.target_utilization) - 1e-9)
-        reasons.append(f"decode: batches of {batch} within TPOT {slo.tpot * 1000:.0f} ms serve {per_worker:.3g} "
-                       f"req/s per worker -> {max(decode, 1)}")
+    per_worker = decode_rate(decode_cost, context, load.mean_output_tokens, slo.tpot, policy.max_batch)
+    if per_worker is not None:
+        decode = math.ceil(load.arrival_rate / (per_worker.rate * policy.target_utilization) - 1e-9)
+        reasons.append(f"decode: batches of {per_worker.batch} within TPOT {slo.tpot * 1000:.0f} ms serve "
+                       f"{per_worker.rate:.3g} req/s per worker -> {max(decode, 1)}")
     else:
         decode = current.decode if current else 1
         reasons.append(f"decode: one sequence's step is over the TPOT SLO ({slo.tpot * 1000:.0f} ms) "

@@ -21,11 +21,12 @@ decoding ``c = I + O/2``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pdserve.bench.load.stats import SLO
 from pdserve.engine.config import SchedulerConfig
+from pdserve.planner import capacity
 from pdserve.planner.fleet import InstanceType
 from pdserve.planner.hardware import Accelerator
 from pdserve.planner.models import ModelSpec
@@ -149,17 +150,18 @@ def _screen_one(model: ModelSpec, accelerator: Accelerator, instance: InstanceTy
             f"one decode step alone takes {alone * 1000:.1f} ms, above the TPOT SLO "
             f"({slo.tpot * 1000:.0f} ms)")))
     else:
-        decode_rate = _best_rate(max_batch, decode_step, slo.tpot, decode_steps)
+        decode = capacity.best_rate(max_batch, decode_step, slo.tpot, decode_steps)
+        decode_rate = decode.rate if decode else None
 
     prefill_rate: float | None = None
     prompt = workload.input_tokens_at(percentile)
-    prompt_alone = _prefill_seconds(cost, prompt, scheduler.max_num_batched_tokens)
+    prompt_alone = capacity.prefill_seconds(cost, prompt, scheduler.max_num_batched_tokens)
     if prompt_alone > slo.ttft:
         exclusions.append(Exclusion(f"{label} (prefill)", (
             f"a p{percentile:g} prompt ({prompt} tokens) alone takes {prompt_alone:.3f} s to "
             f"prefill, above the TTFT SLO ({slo.ttft:g} s)")))
     else:
-        prefill_rate = _prefill_rate(cost, max(1, round(mean_in)), scheduler.max_num_batched_tokens)
+        prefill_rate = capacity.prefill_rate(cost, max(1, round(mean_in)), scheduler.max_num_batched_tokens)
 
     colocated_rate: float | None = None
     if decode_rate is not None and prefill_rate is not None:
@@ -171,45 +173,10 @@ def _screen_one(model: ModelSpec, accelerator: Accelerator, instance: InstanceTy
 
         # The token budget caps the batch: its decodes plus the prompts they bring along.
         within_budget = math.floor(budget / (1 + mean_in / decode_steps))
-        colocated_rate = _best_rate(min(max_batch, scheduler.max_num_seqs, within_budget),
-                                    mixed_step, slo.tpot, decode_steps)
+        colocated = capacity.best_rate(min(max_batch, scheduler.max_num_seqs, within_budget),
+                                       mixed_step, slo.tpot, decode_steps)
+        colocated_rate = colocated.rate if colocated else None
         if colocated_rate is None:
             exclusions.append(Exclusion(f"{label} (colocated)", (
                 "no batch carries its share of prompts within the token budget and the TPOT SLO")))
     return InstanceOption(instance, cost, num_blocks, prefill_rate, decode_rate, colocated_rate)
-
-
-def _prefill_seconds(cost: RooflineCostModel, prompt: int, budget: int) -> float:
-    """One prompt alone, cut into chunks of the token budget as the scheduler does."""
-    seconds, done = 0.0, 0
-    while done < prompt:
-        chunk = min(budget, prompt - done)
-        seconds += cost.prefill_seconds(chunk, done)
-        done += chunk
-    return seconds
-
-
-def _prefill_rate(cost: RooflineCostModel, prompt: int, budget: int) -> float:
-    """Prompts per second with every step full: several whole prompts per step when they are
-    shorter than the budget, else one prompt over several steps."""
-    if prompt <= budget:
-        per_step = budget // prompt
-        return per_step / cost.step_seconds([(prompt, 0)] * per_step, [])
-    return 1.0 / _prefill_seconds(cost, prompt, budget)
-
-
-def _best_rate(max_batch: int, step_seconds: Callable[[int], float], max_step_s: float,
-               steps_per_request: float) -> float | None:
-    """The most requests/s any batch up to ``max_batch`` sustains with steps within
-    ``max_step_s``: batch / (steps per request * step time). Not simply the largest batch:
-    once compute-bound, attention makes a bigger batch slightly slower per token."""
-    # Every batch size while small, then a few thousand evenly spaced (each is microseconds).
-    stride = max(1, max_batch // 4000)
-    best = None
-    for batch in [*range(1, max_batch + 1, stride), max_batch]:
-        seconds = step_seconds(batch)
-        if seconds > max_step_s:
-            break  # step time only grows with the batch
-        rate = batch / (steps_per_request * seconds)
-        best = rate if best is None or rate > best else best
-    return best
