@@ -141,6 +141,7 @@ def test_a_bounded_run_against_pdserve_serve(tmp_path: Path) -> None:
     assert all(r["output_tokens"] == 8 and len(r["chunk_times"]) >= 1 for r in run["records"])
     assert 0 < summary["ttft"]["p50"] <= summary["e2e"]["p50"]
     assert summary["slo"]["ttft"] == pytest.approx(3 * run["calibration"]["isolated_ttft"])
+    assert run["calibration"]["prompt_tokens"] >= 5  # the median prompt, as the server counted it
     assert 0 <= summary["slo_attainment"] <= 1 and summary["goodput"] >= 0
     assert run["command"].startswith("pdserve bench serve --url")
     assert run["server_metrics"]["router"]["histograms"]["pdserve_router_prefill_seconds"]["count"] > 0
@@ -153,7 +154,8 @@ def test_a_bounded_run_against_pdserve_serve(tmp_path: Path) -> None:
 
 
 def test_the_max_rate_meeting_the_goal_and_the_comparison_table() -> None:
-    from pdserve.bench.load.compare import compare_markdown, max_rate_meeting_goal
+    from pdserve.bench.load.compare import compare_markdown
+    from pdserve.bench.load.stats import max_rate_meeting_goal
 
     points = [{"rate": 0.5, "slo_attainment": 1.0}, {"rate": 1.0, "slo_attainment": 0.92},
               {"rate": 2.0, "slo_attainment": 0.4}, {"rate": 4.0, "skipped": "time budget", "slo_attainment": None}]
@@ -217,3 +219,46 @@ def test_compare_refuses_a_non_positive_rate_or_count() -> None:
         done = subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "compare", "--targets", "colocated",
                                *extra], capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "must be positive" in done.stderr
+
+
+def test_the_length_scaled_slo_scales_the_ttft_budget_above_the_median() -> None:
+    from pdserve.bench.load.stats import LengthScaledSLO
+
+    slo = LengthScaledSLO(SLO(ttft=1.0, tpot=0.1), reference_tokens=500)
+    assert slo.ttft_budget(250) == 1.0 and slo.ttft_budget(1500) == 3.0
+
+    def record(prompt_tokens: int, ttft: float, tpot: float) -> RequestRecord:
+        # 11 tokens: the first at `ttft`, then 10 more at `tpot` each.
+        return RequestRecord(index=0, kind="x", scheduled=0.0, sent=0.0, first_token=ttft, end=ttft + 10 * tpot,
+                             prompt_tokens=prompt_tokens, output_tokens=11)
+
+    assert slo.met_by(record(1500, 2.5, 0.05))  # within 3.0 s
+    assert not slo.base.met_by(record(1500, 2.5, 0.05))  # the SLO: 1.0 s for every prompt
+    assert not slo.met_by(record(400, 1.1, 0.05))  # below the median the budget stays 1.0 s
+    assert not slo.met_by(record(1500, 2.5, 0.2))  # TPOT is not scaled
+
+
+def test_a_comparison_is_rescored_under_the_length_scaled_slo() -> None:
+    from pdserve.bench.load.compare import compare_markdown
+    from pdserve.bench.load.length_scaled import length_scaled_slo, rescore
+
+    def record(prompt_tokens: int, ttft: float) -> dict:
+        return RequestRecord(index=0, kind="x", scheduled=0.0, sent=0.0, first_token=ttft, end=ttft + 1.0,
+                             prompt_tokens=prompt_tokens, output_tokens=11).to_json()
+
+    # Prompts 100, 300, 900 tokens (median 300); TTFT SLO 0.5 s: budgets 0.5, 0.5, 1.5 s.
+    records = [record(100, 0.4), record(300, 0.6), record(900, 1.2)]
+    dist = {"mean": 0.1, "p50": 0.1, "p90": 0.2, "p99": 0.3}
+    point = {"rate": 1.0, "slo_attainment": 1 / 3, "goodput": 0.1, "ttft": dist, "tpot": dist, "itl": dist,
+             "output_throughput": 5.0, "records": records}
+    result = {"rates": [1.0], "slo": {"ttft": 0.5, "tpot": 0.2}, "elapsed": 1.0, "slo_basis": "given",
+              "targets": {"colocated": {"points": [point], "max_rate_meeting_slo": None}}}
+    slo = length_scaled_slo(result)
+    assert slo is not None and slo.reference_tokens == 300
+    # The 100- and 900-token requests meet it, the 300-token one (0.6 > 0.5 s) does not;
+    # the run lasts 2.2 s (first send to last end).
+    (scored,) = rescore(result, slo)["colocated"]
+    assert scored["slo_attainment"] == pytest.approx(2 / 3)
+    assert scored["goodput"] == pytest.approx(2 / 2.2)
+    text = compare_markdown(result)
+    assert "max(1, prompt tokens / 300)" in text and "| colocated | 67% / 0.91 | - |" in text

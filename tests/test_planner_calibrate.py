@@ -255,6 +255,54 @@ def test_validation_predicts_hand_computed_latencies() -> None:
     assert results[0].misses(0.2) == ["tpot p50", "tpot p90"]
 
 
+def test_phase_scaled_cost_and_serving_factors_by_hand() -> None:
+    from pdserve.planner.serving_factors import (
+        PhaseScaledCost,
+        UnloadedMeasurement,
+        serving_factors,
+    )
+
+    base = LinearStepCost(HAND, kv_token_bytes=1000)
+    scaled = PhaseScaledCost(base, prefill_factor=2.0, decode_factor=3.0)
+    decode_only = HAND.per_step_s + 2 * HAND.per_decode_seq_s  # 14 ms
+    assert scaled.step_seconds([], [50, 60]) == pytest.approx(3 * decode_only)
+    prefill_only = _alone_ttft(100)  # 10 + 100 + 5.05 ms
+    assert scaled.step_seconds([(100, 0)], []) == pytest.approx(2 * prefill_only)
+    # A mixed step: the prefill alone (x2) plus what the decodes add to it, 2 x 2 ms (x3).
+    assert scaled.step_seconds([(100, 0)], [50, 60]) == pytest.approx(2 * prefill_only + 3 * 0.004)
+    assert scaled.kv_bytes_per_token() == 1000
+    # Alone, a 100-token prompt took 1.5x its prediction and a token 2x one decode step.
+    unloaded = UnloadedMeasurement(prompt_tokens=100, ttft=1.5 * prefill_only, tpot=2 * 0.012)
+    assert serving_factors(base, unloaded, token_budget=512) == (pytest.approx(1.5), pytest.approx(2.0))
+    with pytest.raises(ValueError, match="positive"):
+        serving_factors(base, UnloadedMeasurement(100, 0.0, 0.01), token_budget=512)
+
+
+def test_unloaded_correction_applies_to_the_target_measured_alone() -> None:
+    profiles = {1: _profile(HAND, threads=1), 2: _profile(HAND, threads=2)}
+    data = _compare_json()
+    # The run measured colocated alone: a 200-token prompt 1.2x slower than the profile says,
+    # one request's tokens 1.5x slower (as its records are).
+    data["slo_basis"] = {"target": "colocated", "isolated_ttft": 1.2 * _alone_ttft(200),
+                         "isolated_tpot": 1.5 * (HAND.per_step_s + HAND.per_decode_seq_s), "factor": 3.0,
+                         "prompt_tokens": 200}
+    settings = ValidationSettings(link_bytes_per_s=1e6, unloaded_correction=True)
+    results, notes = validate_comparison("compare.json", data, profiles, settings)
+    colocated, disaggregated = ({(c.metric, c.quantile): c for c in r.comparisons} for r in results)
+    for q in (50, 90):
+        # Corrected: TTFT 1.2x the profile's (measured at 1.0x: +20%), TPOT exactly as measured.
+        assert colocated["ttft", q].relative_error == pytest.approx(0.2, rel=1e-6)
+        assert colocated["tpot", q].relative_error == pytest.approx(0.0, abs=1e-9)
+        # Not measured alone: as calibrated, and said so.
+        assert disaggregated["tpot", q].predicted == pytest.approx(HAND.per_step_s + HAND.per_decode_seq_s)
+    assert any("colocated: profile scaled" in n and "prefill x1.20, decode x1.50" in n for n in notes)
+    assert any("disaggregated: not corrected" in n for n in notes)
+    # Runs from before the prompt length was recorded are left as they are.
+    del data["slo_basis"]["prompt_tokens"]
+    _, notes = validate_comparison("compare.json", data, profiles, settings)
+    assert any("colocated: not corrected" in n for n in notes)
+
+
 def test_target_layouts_build_the_bench_clusters() -> None:
     profile = _profile(HAND, kv_bytes=46080)
     settings = ValidationSettings()

@@ -63,18 +63,22 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     compute_dtype: torch.dtype,
+    decode_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Attention of every query in the batch over its sequence's cached context.
 
     q: [T, num_heads, head_dim]; returns [T, num_heads, head_dim] in q's dtype.
-    ``compute_dtype`` exists because on CPU float32 SDPA is several times faster than bfloat16.
+    ``compute_dtype`` exists because on CPU float32 SDPA is several times faster than bfloat16
+    for prefill chunks; ``decode_dtype`` (default: ``compute_dtype``) is the decodes' own, since
+    converting every gathered K/V position for them can cost more than the kernel saves.
     """
+    decode_dtype = decode_dtype or compute_dtype
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[-2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
 
-    def gather(cache: torch.Tensor, blocks: torch.Tensor, role: str) -> torch.Tensor:
+    def gather(cache: torch.Tensor, blocks: torch.Tensor, role: str, dtype: torch.dtype) -> torch.Tensor:
         # Whole blocks at once: index_select copies contiguous block-sized rows, ~2x faster
         # than gathering token slots. Returns [*blocks.shape[:-1], num_positions, kv_heads, D].
         index = blocks.reshape(-1)
@@ -84,7 +88,7 @@ def paged_attention(
             buffer = cache.new_empty((index.numel(), *cache.shape[1:]))
             meta.workspace[key] = buffer
         torch.index_select(cache, 0, index, out=buffer)
-        return buffer.to(compute_dtype).view(*blocks.shape[:-1], -1, num_kv_heads, head_dim)
+        return buffer.to(dtype).view(*blocks.shape[:-1], -1, num_kv_heads, head_dim)
 
 
     num_decode = meta.num_decode_tokens
@@ -93,10 +97,10 @@ def paged_attention(
         # All query heads of one KV head attend to the same keys: fold them into the query axis
         # instead of repeating K/V (GQA without copies).
         q_decode = q[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
-        keys = gather(k_cache, meta.decode_blocks, "k").transpose(1, 2)  # [B, kv, L, D]
-        values = gather(v_cache, meta.decode_blocks, "v").transpose(1, 2)
+        keys = gather(k_cache, meta.decode_blocks, "k", decode_dtype).transpose(1, 2)  # [B, kv, L, D]
+        values = gather(v_cache, meta.decode_blocks, "v", decode_dtype).transpose(1, 2)
         attended = F.scaled_dot_product_attention(
-            q_decode.to(compute_dtype), keys, values, attn_mask=meta.decode_mask
+            q_decode.to(decode_dtype), keys, values, attn_mask=meta.decode_mask
         )  # [B, kv, group, D]
         out[:num_decode] = attended.reshape(num_decode, num_heads, head_dim).to(q.dtype)
 
@@ -104,8 +108,8 @@ def paged_attention(
         rows = slice(span.query_start, span.query_start + span.query_length)
         q_span = q[rows].transpose(0, 1).unsqueeze(0).to(compute_dtype)  # [1, H, Lq, D]
         length = span.context_length
-        keys = gather(k_cache, span.context_blocks, "k")[:length].transpose(0, 1).unsqueeze(0)
-        values = gather(v_cache, span.context_blocks, "v")[:length].transpose(0, 1).unsqueeze(0)
+        keys = gather(k_cache, span.context_blocks, "k", compute_dtype)[:length].transpose(0, 1).unsqueeze(0)
+        values = gather(v_cache, span.context_blocks, "v", compute_dtype)[:length].transpose(0, 1).unsqueeze(0)
         attended = F.scaled_dot_product_attention(
             q_span,
             keys,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.engine.device import cpu_has_fast_bf16
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
 
@@ -83,6 +84,11 @@ class LlamaModel:
         self.device = device
         # float32 SDPA is several times faster than bfloat16 on CPU; accelerators use the model dtype.
         self.attention_dtype = torch.float32 if device.type == "cpu" else dtype
+        # Decodes are the exception on CPUs with bf16 hardware: converting every gathered K/V
+        # position to float32 cost more than bf16 SDPA loses (decode steps 1.05x / 1.17x / 1.24x
+        # faster at batch 1 / 8 / 32, 512-token contexts, 2-core Xeon with AVX512-BF16).
+        fast_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16()
+        self.decode_attention_dtype = torch.bfloat16 if fast_bf16 else self.attention_dtype
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -192,7 +198,7 @@ class LlamaModel:
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             if layer_callback is not None:
                 layer_callback(index, k, v)
-            attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype)
+            attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype, self.decode_attention_dtype)
             hidden = self._linear(attended.reshape(-1, q_size), layer.o, residual)
 
             residual = hidden

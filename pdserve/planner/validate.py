@@ -17,6 +17,11 @@ Each rate point replays its own request stream: every record's ``sent`` time as 
 its ``prompt_tokens`` and ``output_tokens`` as the lengths. Records with an error (or no first
 token or end) are skipped and counted. The prediction is judged per point on p50 and p90 of
 TTFT and TPOT, by relative error; a miss is a finding, not a failure of the tool.
+
+With ``unloaded_correction``, the target that fixed the run's SLOs (it was measured alone
+before the load, and the run recorded its median prompt's length) is simulated with its profile
+scaled by the unloaded serving factors (``serving_factors.py``). The other targets keep the
+profile as it is.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 from pdserve.bench.load.records import RequestRecord
 from pdserve.bench.load.stats import percentile
 from pdserve.engine.config import SchedulerConfig
+from pdserve.planner.cost import StepCostModel
+from pdserve.planner.serving_factors import PhaseScaledCost, UnloadedMeasurement, serving_factors
 from pdserve.planner.sim_config import ClusterSpec, InstanceSpec, LinkSpec
 from pdserve.planner.sim_workload import SimRequest
 from pdserve.planner.simulator import simulate
@@ -72,16 +79,20 @@ class ValidationSettings:
     """The engine's defaults, as every ``pdserve serve`` worker runs them."""
     tolerance: float = 0.2
     """A prediction within this relative error of the measurement passes."""
+    unloaded_correction: bool = False
+    """Scale the SLO-fixing target's profile by its unloaded serving factors."""
 
     def __post_init__(self) -> None:
         if not (self.link_bytes_per_s > 0 and self.tolerance > 0 and self.kv_memory_bytes > 0):
             raise ValueError("link bandwidth, tolerance and KV memory must be positive")
 
 
-def cluster_for(layout: TargetLayout, profile: StepProfile, settings: ValidationSettings) -> ClusterSpec:
-    """The simulated cluster of a bench target, its instances timed by ``profile``."""
+def cluster_for(layout: TargetLayout, profile: StepProfile, settings: ValidationSettings,
+                cost: StepCostModel | None = None) -> ClusterSpec:
+    """The simulated cluster of a bench target, its instances timed by ``cost`` (default: the
+    profile's own cost model)."""
     num_blocks = settings.kv_memory_bytes // (profile.kv_bytes_per_token * settings.block_size)
-    instance = InstanceSpec(profile.cost_model(), num_blocks=num_blocks, block_size=settings.block_size,
+    instance = InstanceSpec(cost or profile.cost_model(), num_blocks=num_blocks, block_size=settings.block_size,
                             scheduler=settings.scheduler)
     if layout.disaggregated:
         return ClusterSpec(
@@ -180,7 +191,18 @@ def validate_comparison(source: str, data: Mapping[str, Any], profiles: Mapping[
         if profile is None:
             notes.append(f"{source}: {name}: no {layout.threads}-thread profile given, not simulated")
             continue
-        cluster = cluster_for(layout, profile, settings)
+        cost: StepCostModel = profile.cost_model()
+        if settings.unloaded_correction:
+            unloaded = unloaded_measurement(data, name)
+            if unloaded is None:
+                notes.append(f"{source}: {name}: not corrected (not measured alone in this run)")
+            else:
+                factors = serving_factors(cost, unloaded, settings.scheduler.max_num_batched_tokens)
+                cost = PhaseScaledCost(cost, *factors)
+                notes.append(f"{source}: {name}: profile scaled by its unloaded serving factors: prefill "
+                             f"x{factors[0]:.2f}, decode x{factors[1]:.2f} (a {unloaded.prompt_tokens}-token "
+                             f"prompt alone: TTFT {unloaded.ttft * 1000:.0f} ms, TPOT {unloaded.tpot * 1000:.1f} ms)")
+        cluster = cluster_for(layout, profile, settings, cost)
         for point in entry.get("points", []):
             if point.get("skipped"):
                 notes.append(f"{source}: {name} at {point['rate']:g} req/s: skipped in the run ({point['skipped']})")
@@ -188,3 +210,13 @@ def validate_comparison(source: str, data: Mapping[str, Any], profiles: Mapping[
             records = [RequestRecord.from_json(r) for r in point.get("records", [])]
             results.append(validate_point(source, name, float(point["rate"]), records, cluster))
     return results, notes
+
+
+def unloaded_measurement(data: Mapping[str, Any], target: str) -> UnloadedMeasurement | None:
+    """What the run measured of ``target`` alone (its SLO calibration), if it fixed the SLOs and
+    recorded the prompt's length (runs before that field have no such measurement)."""
+    basis = data.get("slo_basis")
+    if not isinstance(basis, dict) or basis.get("target") != target or not basis.get("prompt_tokens"):
+        return None
+    return UnloadedMeasurement(int(basis["prompt_tokens"]), float(basis["isolated_ttft"]),
+                               float(basis["isolated_tpot"]))

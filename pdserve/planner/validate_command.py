@@ -42,6 +42,9 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds added to every arrival for HTTP hops and tokenization (default: 0)")
     parser.add_argument("--kv-memory-mb", type=int, default=512,
                         help="KV cache per worker, as the run's `pdserve serve --kv-memory-mb` (default: 512)")
+    parser.add_argument("--unloaded-correction", action="store_true",
+                        help="scale the profile of the target that fixed a run's SLOs by how much slower it "
+                        "served its median prompt alone than the profile predicts (docs/planner.md)")
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -58,7 +61,7 @@ def run_validate(args: argparse.Namespace) -> int:
         settings = ValidationSettings(
             link_bytes_per_s=args.link_bandwidth, link_latency_s=args.link_latency,
             router_overhead_s=args.router_overhead, kv_memory_bytes=args.kv_memory_mb << 20,
-            tolerance=args.tolerance,
+            tolerance=args.tolerance, unloaded_correction=args.unloaded_correction,
         )
         profiles = {threads: load_profile(path)
                     for threads, path in ((1, args.profile_1t), (2, args.profile_2t)) if path is not None}
@@ -114,9 +117,11 @@ def validation_markdown(results: Sequence[PointResult], notes: Sequence[str], se
               f"{settings.scheduler.max_num_batched_tokens}, {settings.scheduler.max_num_seqs} sequences), "
               f"{settings.kv_memory_bytes >> 20} MiB of KV per worker, a {settings.link_bytes_per_s / 1e9:g} GB/s "
               f"+ {settings.link_latency_s * 1000:g} ms link for disaggregated (first token after the transfer), "
-              f"{settings.router_overhead_s * 1000:g} ms router overhead."]
+              f"{settings.router_overhead_s * 1000:g} ms router overhead; profiles "
+              + ("scaled by the unloaded serving factors where the run measured the target alone."
+                 if settings.unloaded_correction else "as calibrated (no unloaded correction).")]
     if notes:
-        lines += ["", "Not simulated:", "", *(f"- {note}" for note in notes)]
+        lines += ["", "Notes (corrections, and what was not simulated):", "", *(f"- {note}" for note in notes)]
     if results:
         lines += ["", "![predicted vs measured](validation.png)"]
     return "\n".join(lines) + "\n"

@@ -22,17 +22,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pdserve.bench.load.length_scaled import length_scaled_markdown
 from pdserve.bench.load.loadgen import LoadConfig, run_load
 from pdserve.bench.load.server_metrics import ServerMetricsRecorder, headline
 from pdserve.bench.load.slo import Calibration, calibrate
-from pdserve.bench.load.stats import SLO, summarize
+from pdserve.bench.load.stats import ATTAINMENT_GOAL, SLO, max_rate_meeting_goal, summarize
 from pdserve.bench.load.targets import RunningTarget, Target
 from pdserve.bench.load.workloads import RequestSpec
 
 if TYPE_CHECKING:
     from pdserve.bench.load.plots import Plot
-
-ATTAINMENT_GOAL = 0.9
 
 
 @dataclass(frozen=True)
@@ -58,12 +57,6 @@ def point_seed(seed: int, rate_index: int) -> int:
     from the other points' (a server keeps its prefix cache from one point to the next, and a
     repeated prompt would be a cache hit) and from the SLO calibration's."""
     return seed + 1000 * (rate_index + 1)
-
-
-def max_rate_meeting_goal(points: Sequence[dict[str, Any]], goal: float = ATTAINMENT_GOAL) -> float | None:
-    """The highest rate whose SLO attainment is at least ``goal`` (None if none is)."""
-    meeting = [p["rate"] for p in points if p["slo_attainment"] is not None and p["slo_attainment"] >= goal]
-    return max(meeting) if meeting else None
 
 
 def run_compare(
@@ -174,6 +167,7 @@ def compare_markdown(result: dict[str, Any], plots: Sequence[Plot] = ()) -> str:
             lines.append(f"| {name} | {p['rate']:g} | {_ms(p['ttft']['p50'])} / {_ms(p['ttft']['p90'])} | "
                          f"{_ms(p['tpot']['p50'])} / {_ms(p['tpot']['p90'])} | {_ms(p['itl']['p90'])} | "
                          f"{p['output_throughput']:.1f} |")
+    lines += length_scaled_markdown(result)
     lines += _server_table(result)
     if plots:
         lines += ["", "## Plots", ""]

@@ -27,6 +27,8 @@ class Calibration:
     isolated_tpot: float
     """Median time per output token of one request, alone."""
     factor: float = FACTOR
+    prompt_tokens: int | None = None
+    """The median prompt's length as the target counted it (what the unloaded times are for)."""
 
     @property
     def slo(self) -> SLO:
@@ -55,4 +57,6 @@ async def calibrate(config: LoadConfig, specs: Sequence[RequestSpec], repeats: i
     if not ttfts or not tpots:
         errors = {r.error for r in (*prefills, *decodes) if r.error}
         raise RuntimeError(f"could not measure the target unloaded: {errors or 'no output'}")
-    return Calibration(statistics.median(ttfts), statistics.median(tpots))
+    lengths = [r.prompt_tokens for r in prefills if r.ok and r.prompt_tokens]
+    return Calibration(statistics.median(ttfts), statistics.median(tpots),
+                       prompt_tokens=round(statistics.median(lengths)) if lengths else None)

@@ -15,6 +15,8 @@ from typing import Any
 from pdserve.bench.load.records import RequestRecord
 
 PERCENTILES = (50, 90, 99)
+ATTAINMENT_GOAL = 0.9
+"""The share of requests that must meet the SLO for a rate to count as served."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -38,10 +40,30 @@ class SLO:
     """Seconds per output token after the first."""
 
     def met_by(self, record: RequestRecord) -> bool:
-        if not record.ok or record.ttft is None or record.ttft > self.ttft:
-            return False
-        tpot = record.tpot
-        return tpot is None or tpot <= self.tpot  # a one-token answer has no TPOT to miss
+        return _meets(record, self.ttft, self.tpot)
+
+
+@dataclass(frozen=True)
+class LengthScaledSLO:
+    """A second SLO pair: the TTFT budget of ``base`` scales with the prompt above
+    ``reference_tokens`` (the workload's median prompt); the TPOT SLO stays as it is.
+    Why and how it is used: ``length_scaled.py``."""
+
+    base: SLO
+    reference_tokens: int
+
+    def ttft_budget(self, prompt_tokens: int) -> float:
+        return self.base.ttft * max(1.0, prompt_tokens / self.reference_tokens)
+
+    def met_by(self, record: RequestRecord) -> bool:
+        return _meets(record, self.ttft_budget(record.prompt_tokens), self.base.tpot)
+
+
+def _meets(record: RequestRecord, ttft: float, tpot: float) -> bool:
+    if not record.ok or record.ttft is None or record.ttft > ttft:
+        return False
+    measured = record.tpot
+    return measured is None or measured <= tpot  # a one-token answer has no TPOT to miss
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ class Summary:
     tpot: Distribution
     itl: Distribution
     e2e: Distribution
-    slo: SLO | None
+    slo: SLO | LengthScaledSLO | None
     slo_attainment: float | None
     goodput: float | None
     """Requests per second meeting the SLO."""
@@ -91,7 +113,7 @@ def latencies(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
     }
 
 
-def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summary:
+def summarize(records: Sequence[RequestRecord], slo: SLO | LengthScaledSLO | None = None) -> Summary:
     done = [r for r in records if r.ok]
     values = latencies(records)
     starts = [r.sent for r in records]
@@ -114,3 +136,9 @@ def summarize(records: Sequence[RequestRecord], slo: SLO | None = None) -> Summa
         slo_attainment=(met / len(records) if records else math.nan) if met is not None else None,
         goodput=per_second(met) if met is not None else None,
     )
+
+
+def max_rate_meeting_goal(points: Sequence[dict[str, Any]], goal: float = ATTAINMENT_GOAL) -> float | None:
+    """The highest rate whose SLO attainment is at least ``goal`` (None if none is)."""
+    meeting = [p["rate"] for p in points if p["slo_attainment"] is not None and p["slo_attainment"] >= goal]
+    return max(meeting) if meeting else None

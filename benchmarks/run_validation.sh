@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The planner's check against reality (docs/planner.md, "Checking the simulator"): pdserve
+# colocated and disaggregated under load at three rates up to ~80% of their capacity on this
+# machine, two workloads, then `pdserve plan validate` replays every point's requests through the
+# simulator with this machine's calibrated profiles. About 20 minutes; nothing else may run.
+#
+#   benchmarks/run_validation.sh
+#
+# Capacities measured by the comparison (benchmarks/results/comparison/, 0.4 req/s points,
+# completed requests per second at saturation): summarize ~0.22-0.24 req/s, mixed ~0.23-0.28
+# req/s for both targets. Rates up to ~80% of that: summarize 0.05, 0.1, 0.15; mixed 0.1, 0.15,
+# 0.2. Every point sends REQUESTS_PER_RATE requests. The report is written twice: with the
+# profiles as calibrated, and with the unloaded correction (docs/planner.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PDSERVE="${PDSERVE:-.venv/bin/pdserve}"
+OUT="${OUT:-benchmarks/results/validation}"
+REQUESTS_PER_RATE="${REQUESTS_PER_RATE:-8}"
+PROFILES=benchmarks/results/profiles/SmolLM2-135M-Instruct
+say() { echo "[validation $(date +%H:%M:%S)] $*" >&2; }
+
+declare -A RATES=([summarize]=0.05,0.1,0.15 [mixed]=0.1,0.15,0.2)
+for workload in summarize mixed; do
+  say "$workload at ${RATES[$workload]} req/s"
+  "$PDSERVE" bench compare --workload "$workload" --targets colocated,disaggregated --rates "${RATES[$workload]}" \
+    --requests-per-rate "$REQUESTS_PER_RATE" --seed 7 --time-budget 1200 --out "$OUT/load-$workload"
+done
+say "replaying every point through the simulator"
+runs=("$OUT/load-summarize/compare.json" "$OUT/load-mixed/compare.json")
+profiles=(--profile-1t "$PROFILES-1t.json" --profile-2t "$PROFILES-2t.json")
+"$PDSERVE" plan validate "${runs[@]}" "${profiles[@]}" --out "$OUT/as-calibrated"
+"$PDSERVE" plan validate "${runs[@]}" "${profiles[@]}" --unloaded-correction --out "$OUT/unloaded-correction"
