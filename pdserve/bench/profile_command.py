@@ -68,7 +68,7 @@ def run_profile_workload(args: argparse.Namespace) -> int:
     print(f"measuring this machine's peaks ({threads} thread(s)): fp32 GEMM and memory copy...", file=sys.stderr)
     peaks = measure_peaks(threads)
     arch = read_model_architecture(args.model)
-    element_bytes = torch.empty(0, dtype=resolve_dtype("auto", torch.device("cpu"))).element_size()
+    element_bytes = resolve_dtype("auto", torch.device("cpu")).itemsize
     costs = ModelCosts.of(arch, element_bytes, element_bytes)
 
     server = None
