@@ -341,6 +341,33 @@ def test_validate_command_writes_the_report_and_fails_only_on_bad_input(tmp_path
     assert run_validate(_validate_args(str(compare))) == 2  # no profile
 
 
+def test_validate_reports_the_repeats_of_two_runs(tmp_path: Path) -> None:
+    sources = []
+    for run, scale in (("run-1", 1.0), ("run-2", 1.6)):
+        data = _compare_json(measured_ttft_scale=scale)
+        data["workload"] = "fixed"
+        path = tmp_path / run / "load-fixed" / "compare.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(data))
+        sources.append(str(path))
+    p1, p2 = tmp_path / "p1.json", tmp_path / "p2.json"
+    save_profile(_profile(HAND, threads=1), p1)
+    save_profile(_profile(HAND, threads=2), p2)
+    out = tmp_path / "out"
+    assert run_validate(_validate_args(*sources, "--profile-1t", str(p1), "--profile-2t", str(p2),
+                                       "--out", str(out))) == 0
+    text = (out / "validation.md").read_text()
+    assert "## Repeated runs" in text and "| fixed | colocated | 0.1 | 2 |" in text
+    assert "| colocated (run-2/load-fixed) | 0.1 |" in text
+    report = json.loads((out / "validation.json").read_text())
+    colocated = next(r for r in report["repeated"] if r["target"] == "colocated")
+    ttft = next(c for c in colocated["comparisons"] if (c["metric"], c["quantile"]) == ("ttft", 50))
+    # Measured 1.0x and 1.6x the prediction: median 1.3x, spread 0.6x of the prediction; the
+    # prediction is 0.3x from the median, within the spread (TPOT is 1.5x in both: a miss).
+    assert ttft["within"] and ttft["spread"] == pytest.approx(0.6 * ttft["predicted_median"], rel=1e-6)
+    assert colocated["misses"] == ["tpot p50", "tpot p90"]
+
+
 # -- the real engine (about 10-20 s: loads the default model) ------------------------------------
 
 def test_measure_samples_on_the_real_engine(checkpoint: Any) -> None:

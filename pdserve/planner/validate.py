@@ -144,18 +144,20 @@ class PointResult:
     comparisons: tuple[Comparison, ...]
     predicted_rejected: int = 0
     """Requests the simulated cluster refused (they could never fit its KV pool)."""
+    workload: str = ""
+    """The run's workload preset (repeated runs are grouped by workload, target and rate)."""
 
     def misses(self, tolerance: float) -> list[str]:
         return [f"{c.metric} p{c.quantile}" for c in self.comparisons if not c.within(tolerance)]
 
 
 def validate_point(source: str, target: str, rate: float, records: Sequence[RequestRecord],
-                   cluster: ClusterSpec) -> PointResult:
+                   cluster: ClusterSpec, workload: str = "") -> PointResult:
     """Replay one rate point's requests on ``cluster`` and compare the percentiles."""
     kept, skipped = replayable(records)
     if not kept:
         empty = tuple(Comparison(m, q, math.nan, math.nan) for m in METRICS for q in QUANTILES)
-        return PointResult(source, target, rate, 0, skipped, empty)
+        return PointResult(source, target, rate, 0, skipped, empty, workload=workload)
     shift = min(0.0, min(r.sent for r in kept))  # arrivals must be >= 0
     requests = [SimRequest(r.sent - shift, r.prompt_tokens, r.output_tokens, r.kind) for r in kept]
     predicted = simulate(cluster, requests).records
@@ -164,7 +166,7 @@ def validate_point(source: str, target: str, rate: float, records: Sequence[Requ
         for metric in METRICS for q in QUANTILES
     )
     rejected = sum(1 for r in predicted if r.error is not None)
-    return PointResult(source, target, rate, len(kept), skipped, comparisons, rejected)
+    return PointResult(source, target, rate, len(kept), skipped, comparisons, rejected, workload)
 
 
 def _percentile(records: Sequence[RequestRecord], metric: str, q: int) -> float:
@@ -208,7 +210,8 @@ def validate_comparison(source: str, data: Mapping[str, Any], profiles: Mapping[
                 notes.append(f"{source}: {name} at {point['rate']:g} req/s: skipped in the run ({point['skipped']})")
                 continue
             records = [RequestRecord.from_json(r) for r in point.get("records", [])]
-            results.append(validate_point(source, name, float(point["rate"]), records, cluster))
+            results.append(validate_point(source, name, float(point["rate"]), records, cluster,
+                                          str(data.get("workload", ""))))
     return results, notes
 
 

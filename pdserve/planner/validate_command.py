@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pdserve.planner.repeats import RepeatedPoint
     from pdserve.planner.validate import PointResult, ValidationSettings
 
 
 def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("compare", nargs="+", type=Path, metavar="COMPARE.json",
-                        help="compare.json files of `pdserve bench compare`")
+                        help="compare.json files of `pdserve bench compare`; points of several runs with the "
+                        "same workload, target and rate are also judged as repeats (within the tolerance or "
+                        "the runs' spread, whichever is wider)")
     parser.add_argument("--profile-1t", type=Path, default=None,
                         help="1-thread step profile (`pdserve plan calibrate --threads 1`): disaggregated, "
                         "replicas, colocated-1core")
@@ -48,6 +51,7 @@ def add_validate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from pdserve.planner.repeats import group_repeats
     from pdserve.planner.step_profile import load_profile
     from pdserve.planner.validate import ValidationSettings, validate_comparison
 
@@ -80,11 +84,13 @@ def run_validate(args: argparse.Namespace) -> int:
         return fail(str(error))
     out = args.out or Path("benchmarks/results/validation") / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    text = validation_markdown(results, notes, settings, [str(p) for p in args.compare])
+    repeats = [point for point in group_repeats(results) if len(point.sources) > 1]
+    text = validation_markdown(results, notes, settings, [str(p) for p in args.compare], repeats)
     (out / "validation.md").write_text(text)
     (out / "validation.json").write_text(json.dumps(
         {"sources": [str(p) for p in args.compare], "settings": asdict(settings), "notes": notes,
-         "points": [point_json(r, settings.tolerance) for r in results]}, indent=1) + "\n")
+         "points": [point_json(r, settings.tolerance) for r in results],
+         "repeated": [repeated_json(r, settings.tolerance) for r in repeats]}, indent=1) + "\n")
     if results:
         scatter_plot(results, settings.tolerance, out / "validation.png")
     print(text)
@@ -94,21 +100,23 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def validation_markdown(results: Sequence[PointResult], notes: Sequence[str], settings: ValidationSettings,
-                        sources: Sequence[str]) -> str:
+                        sources: Sequence[str], repeats: Sequence[RepeatedPoint] = ()) -> str:
     tolerance = settings.tolerance
     passed = sum(1 for r in results if r.num_replayed and not r.misses(tolerance))
-    lines = ["# Simulator vs measurement", "",
-             f"Sources: {', '.join(f'`{s}`' for s in sources)}. Each cell: measured / predicted ms "
-             f"(relative error of the prediction). A point passes when all four are within "
-             f"{tolerance:.0%}. {passed} of {len(results)} points pass.", "",
-             "| target | rate | requests (skipped) | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 | pass |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Simulator vs measurement", ""]
+    if repeats:
+        lines += repeats_markdown(repeats, tolerance) + ["", "## Every run's every point", ""]
+    lines += [f"Sources: {', '.join(f'`{s}`' for s in sources)}. Each cell: measured / predicted ms "
+              f"(relative error of the prediction). A point passes when all four are within "
+              f"{tolerance:.0%}. {passed} of {len(results)} points pass.", "",
+              "| target | rate | requests (skipped) | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 | pass |",
+              "|---|---|---|---|---|---|---|---|"]
     several = len(set(r.source for r in results)) > 1
     for r in results:
         cells = [f"{_ms(c.measured)} / {_ms(c.predicted)} ({_percent(c.relative_error)})" for c in r.comparisons]
         misses = r.misses(tolerance)
         verdict = "yes" if not misses else "no: " + ", ".join(misses)
-        name = f"{r.target} ({Path(r.source).parent.name or r.source})" if several else r.target
+        name = f"{r.target} ({_run_name(r.source)})" if several else r.target
         requests = f"{r.num_replayed} ({r.num_skipped})"
         if r.predicted_rejected:
             requests += f", {r.predicted_rejected} refused by the simulated KV pool"
@@ -127,17 +135,53 @@ def validation_markdown(results: Sequence[PointResult], notes: Sequence[str], se
     return "\n".join(lines) + "\n"
 
 
+def repeats_markdown(repeats: Sequence[RepeatedPoint], tolerance: float) -> list[str]:
+    """The repeated points: each cell is the measured median [smallest-largest] / the predicted
+    median (its error; the error allowed, the wider of the tolerance and the runs' spread)."""
+    passed = sum(1 for r in repeats if not r.misses(tolerance))
+    numbers = sum(1 for r in repeats for c in r.comparisons if c.within(tolerance))
+    lines = ["## Repeated runs", "",
+             f"Points measured in several runs of the same command. Each cell: measured median "
+             f"[smallest-largest] / predicted median, ms (error of the prediction; error allowed: "
+             f"{tolerance:.0%} of the measured median or the runs' spread, whichever is wider). "
+             f"**{passed} of {len(repeats)} points pass; {numbers} of "
+             f"{sum(len(r.comparisons) for r in repeats)} numbers are within.**", "",
+             "| workload | target | rate | runs | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 | pass |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in repeats:
+        cells = []
+        for c in r.comparisons:
+            low, high = (min(c.measured), max(c.measured)) if c.measured else (math.nan, math.nan)
+            allowed = c.allowed_error(tolerance) / c.measured_median if c.measured_median > 0 else math.nan
+            cells.append(f"{_ms(c.measured_median)} [{_ms(low)}-{_ms(high)}] / {_ms(c.predicted_median)} "
+                         f"({_percent(c.relative_error)}; ±{_unsigned_percent(allowed)})")
+        misses = r.misses(tolerance)
+        verdict = "yes" if not misses else "no: " + ", ".join(misses)
+        lines.append(f"| {r.workload} | {r.target} | {r.rate:g} | {len(r.sources)} | " + " | ".join(cells)
+                     + f" | {verdict} |")
+    return lines
+
+
+def repeated_json(point: RepeatedPoint, tolerance: float) -> dict[str, Any]:
+    return {
+        "workload": point.workload, "target": point.target, "rate": point.rate, "sources": list(point.sources),
+        "misses": point.misses(tolerance),
+        "comparisons": [{"metric": c.metric, "quantile": c.quantile,
+                         "measured": [_number(v) for v in c.measured], "predicted": [_number(v) for v in c.predicted],
+                         "measured_median": _number(c.measured_median), "predicted_median": _number(c.predicted_median),
+                         "spread": _number(c.spread), "allowed_error": _number(c.allowed_error(tolerance)),
+                         "within": c.within(tolerance)} for c in point.comparisons],
+    }
+
+
 def point_json(result: PointResult, tolerance: float) -> dict[str, Any]:
     """One point as plain JSON (no NaN: a missing value is null)."""
-    def number(value: float) -> float | None:
-        return value if math.isfinite(value) else None
-
     return {
-        "source": result.source, "target": result.target, "rate": result.rate,
+        "source": result.source, "workload": result.workload, "target": result.target, "rate": result.rate,
         "num_replayed": result.num_replayed, "num_skipped": result.num_skipped,
         "predicted_rejected": result.predicted_rejected, "misses": result.misses(tolerance),
-        "comparisons": [{"metric": c.metric, "quantile": c.quantile, "measured": number(c.measured),
-                         "predicted": number(c.predicted), "relative_error": number(c.relative_error),
+        "comparisons": [{"metric": c.metric, "quantile": c.quantile, "measured": _number(c.measured),
+                         "predicted": _number(c.predicted), "relative_error": _number(c.relative_error),
                          "within_tolerance": c.within(tolerance)} for c in result.comparisons],
     }
 
@@ -189,6 +233,16 @@ def scatter_plot(results: Sequence[PointResult], tolerance: float, path: Path) -
     return path
 
 
+def _run_name(source: str) -> str:
+    """A compare.json by its directories: `run-2/load-mixed` for repeated runs' files."""
+    return "/".join(Path(source).parent.parts[-2:]) or source
+
+
+def _number(value: float) -> float | None:
+    """A value for JSON: no NaN, a missing value is null."""
+    return value if math.isfinite(value) else None
+
+
 def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
@@ -199,3 +253,7 @@ def _ms(value: float) -> str:
 
 def _percent(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{value:+.0%}"
+
+
+def _unsigned_percent(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.0%}"
