@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -136,3 +137,39 @@ def test_an_import_that_finishes_at_its_first_token_is_reported(pair: tuple[LLM,
     assert done.finished and done.outputs[0].token_ids == [header.first_tokens[0].token_id]
     assert done.outputs[0].finish_reason == "length"
     assert receiver.engine.request_ids() == [] and receiver.engine.stats().num_free_blocks == 32
+
+
+def test_the_loop_streams_an_imports_first_token_before_its_next_step(pair: tuple[LLM, LLM]) -> None:
+    """A decode worker commits imported KV between steps; the first token must go out then,
+    not after the step that follows (a whole decode step of TTFT under load)."""
+    from pdserve.runtime.engine_loop import EngineLoop
+
+    sender, receiver = pair
+    engine = receiver.engine
+
+    def steps_run() -> int:
+        return sum(int(work["steps"]) for work in engine.step_counters.snapshot().values())
+
+    sender.engine.add_request(PROMPT, PARAMS, "streamed", prefill_only=True, hold_kv=True)
+    (prefilled,) = run(sender)
+    assert prefilled.held_kv is not None
+    header = prefilled.held_kv.header
+    delivered: list[tuple[str, int, int]] = []  # (request, tokens so far, steps run when delivered)
+    loop = EngineLoop(engine, lambda o: delivered.append((o.request_id, len(o.outputs[0].token_ids), steps_run())))
+    loop.start()
+    try:
+        # Another request keeps the loop stepping, as a busy decode worker's would.
+        loop.call(lambda e: e.add_request(PROMPT, SamplingParams(max_tokens=40, ignore_eos=True), "busy")).result(30)
+        table = loop.call(lambda e: e.reserve_kv(header, PARAMS, "streamed")).result(30)
+        kv = sender.engine.runner.read_kv(prefilled.held_kv.block_table, header.num_tokens)
+        engine.runner.write_kv(table, kv)  # off the loop thread, as a transfer writes
+        committed_at = loop.call(lambda e: (e.commit_kv("streamed", header.first_tokens), steps_run())[1]).result(30)
+        deadline = time.monotonic() + 60
+        while sum(1 for r, _, _ in delivered if r == "streamed") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        loop.stop()
+        sender.engine.release_kv("streamed")
+    first = next(d for d in delivered if d[0] == "streamed")
+    assert first[1] == 1, "the first output carries the prefill's token"
+    assert first[2] == committed_at, f"{first[2] - committed_at} step(s) ran before the first token went out"

@@ -95,6 +95,31 @@ def test_first_token_after_transfer_moves_ttft_not_e2e() -> None:
     assert run(True) == pytest.approx((0.1 + 0.11, 0.1 + 0.11 + 3 * 0.02))
 
 
+def test_a_busy_decode_instance_takes_kv_in_only_between_its_steps() -> None:
+    """pdserve's decode worker reserves and adopts imports on its engine thread, between steps.
+
+    A (16 tokens at t=0): prefill 0-0.125, transfer to 0.15625, decode steps of 0.25 from there.
+    B (16 tokens at t=0.25): prefill ends at 0.375, in the middle of A's step 0.15625-0.40625...
+    """
+    def b_first_token(at_boundaries: bool) -> float:
+        cluster = ClusterSpec(
+            prefill=(instance(LinearCost(per_prefill_token=0.0078125)),),
+            decode=(instance(LinearCost(decode_step=0.25)),),
+            link=LinkSpec(1e9, latency_s=0.03125), first_token_after_transfer=True,
+            imports_at_step_boundaries=at_boundaries,
+        )
+        a, b = simulate(cluster, [(0.0, 16, 20), (0.25, 16, 4)]).records
+        assert a.first_token == pytest.approx(0.15625)
+        assert b.first_token is not None
+        return b.first_token
+
+    # ...so by default B's transfer starts at once and its KV is adopted when it lands.
+    assert b_first_token(False) == pytest.approx(0.375 + 0.03125)
+    # Between steps only: reserved when A's step ends (0.40625), landed at 0.4375 in the middle
+    # of the next step, adopted (and its first token out) when that one ends at 0.65625.
+    assert b_first_token(True) == pytest.approx(0.65625)
+
+
 def test_a_long_prompt_is_chunked_by_the_engine_token_budget() -> None:
     cost = LinearCost(per_prefill_token=0.001, per_step=0.01)
     result = simulate(colocated(instance(cost, max_num_batched_tokens=32)), [(0.0, 100, 1)])

@@ -281,9 +281,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending_outputs)
 
+    def take_pending_outputs(self) -> list[RequestOutput]:
+        """Outputs made between steps (an import's first token at its commit, an abort), handed
+        over without running a step. :meth:`step` returns them too, but only once its forward
+        pass is done: a loop that calls this first streams them a whole step earlier."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        return outputs
+
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the requests whose output changed."""
-        outputs, self._pending_outputs = self._pending_outputs, []
+        outputs = self.take_pending_outputs()
         schedule = self.scheduler.schedule()
         if schedule.is_empty:
             return outputs

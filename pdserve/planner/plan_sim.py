@@ -83,6 +83,8 @@ class SimSettings:
     first_token_after_transfer: bool = True
     """pdserve's router streams the decode worker's events, so the client's first token comes
     after the transfer; False is DistServe's accounting (first token at the prefill's end)."""
+    imports_at_step_boundaries: bool = True
+    """pdserve's decode worker reserves and adopts incoming KV between its steps."""
 
     def __post_init__(self) -> None:
         if self.num_requests < 10:
@@ -187,7 +189,8 @@ def _check(fleet: Fleet, rate: float, options: Mapping[InstanceType, InstanceOpt
             raise ValueError(f"{fleet.label}: no network bandwidth known for a KV link")
         cluster = ClusterSpec(prefill=specs[0], decode=specs[1], link=link, routing=settings.routing,
                               router_overhead_s=settings.router_overhead_s,
-                              first_token_after_transfer=settings.first_token_after_transfer)
+                              first_token_after_transfer=settings.first_token_after_transfer,
+                              imports_at_step_boundaries=settings.imports_at_step_boundaries)
     else:
         cluster = ClusterSpec(colocated=specs[0], routing=settings.routing,
                               router_overhead_s=settings.router_overhead_s)

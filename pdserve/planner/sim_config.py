@@ -77,6 +77,11 @@ class ClusterSpec:
     """False: the client has the first token when the prefill ends (DistServe's accounting).
     True: when the decode instance has the KV, which is what pdserve's router does today (it
     streams the decode worker's events only)."""
+    imports_at_step_boundaries: bool = False
+    """True: a decode instance reserves blocks for an incoming KV, and adopts it once it has
+    arrived, only between its steps, as pdserve's decode worker does (both are calls on its
+    engine thread, runtime/engine_service.py): a hand-off waits for up to two of its steps.
+    False: both happen the instant they can."""
 
     def __post_init__(self) -> None:
         if self.colocated and (self.prefill or self.decode):

@@ -6,7 +6,8 @@ unless ``first_token_after_transfer``) and its blocks held -> a decode instance 
 reserves blocks for the prompt's KV, waiting for room if it has none -> the transfer takes
 ``kv_bytes_per_token * prompt_tokens / bandwidth + latency`` -> the prefill instance frees its
 blocks, the decode instance adopts the sequence and generates the remaining tokens with
-continuous batching. Colocated, one instance does both phases in the same steps.
+continuous batching. With ``imports_at_step_boundaries`` the decode instance reserves and
+adopts only between its steps, as pdserve's decode worker does. Colocated, one instance does both phases in the same steps.
 
 Every instance runs the engine's own scheduler and block manager (see sim_instance.py); only the
 duration of a step comes from a model. Events at the same instant are applied in the order of
@@ -98,6 +99,8 @@ class Simulator:
         self._turns = {role: itertools.count() for role in self.pools}
         self._flights: dict[str, _Flight] = {}
         self._wake_pending: set[str] = set()
+        self._arrived_imports: dict[str, list[Sequence]] = {}
+        """Per decode instance: KV that arrived during its step, adopted when the step ends."""
         self._ran = False
 
     def run(self, requests: Iterable[RequestLike]) -> SimulationResult:
@@ -181,6 +184,8 @@ class Simulator:
             else:
                 self._token(flight, seq)
         if instance.role == "decode":
+            for seq in self._arrived_imports.pop(instance.name, []):
+                self._adopt(seq)
             self._reserve(instance)  # finished sequences may have freed room for imports
         self._wake(instance)
 
@@ -189,6 +194,15 @@ class Simulator:
         assert flight.prefill is not None and flight.decode is not None
         flight.prefill.release_kv(flight.request_id)
         self._wake(flight.prefill)  # its freed blocks may unblock a waiting prompt
+        if self.cluster.imports_at_step_boundaries and flight.decode.busy:
+            self._arrived_imports.setdefault(flight.decode.name, []).append(seq)
+            return
+        self._adopt(seq)
+
+    def _adopt(self, seq: Sequence) -> None:
+        """The decode instance takes over a sequence whose KV has arrived."""
+        flight = self._flights[seq.request_id]
+        assert flight.decode is not None
         flight.decode.commit_import(seq)
         # The decode instance appended the first token (sampled by the prefill) to its sequence.
         if self.cluster.first_token_after_transfer:
@@ -211,7 +225,8 @@ class Simulator:
         candidates = [i for i in self.pools["decode"] if i.can_hold(num_tokens)]
         decode = flight.decode = self._choose("decode", candidates)
         decode.queue_import(flight.request_id, request.input_tokens, request.output_tokens, self.now)
-        self._reserve(decode)
+        if not (self.cluster.imports_at_step_boundaries and decode.busy):
+            self._reserve(decode)  # else when its step ends (_end_step)
 
     def _reserve(self, decode: SimInstance) -> None:
         """Start the transfer of every import that got its blocks on ``decode``."""

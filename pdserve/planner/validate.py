@@ -7,7 +7,7 @@ cluster it was, each instance timed by the calibrated profile (step_profile.py) 
 | target | simulated cluster |
 |---|---|
 | ``colocated`` | 1 colocated instance, the 2-thread profile |
-| ``disaggregated`` | 1 prefill + 1 decode instance, the 1-thread profile, a shared-memory link; the client's first token comes after the KV transfer, as pdserve's router streams it today |
+| ``disaggregated`` | 1 prefill + 1 decode instance, the 1-thread profile, a shared-memory link; the client's first token comes after the KV transfer, as pdserve's router streams it today, and the decode instance takes KV in only between its steps, as pdserve's decode worker does |
 | ``replicas`` | 2 colocated instances, the 1-thread profile, least-loaded routing |
 | ``colocated-1core`` | 1 colocated instance, the 1-thread profile |
 
@@ -99,7 +99,7 @@ def cluster_for(layout: TargetLayout, profile: StepProfile, settings: Validation
             prefill=(instance,), decode=(instance,),
             link=LinkSpec(settings.link_bytes_per_s, settings.link_latency_s),
             routing=layout.routing, router_overhead_s=settings.router_overhead_s,
-            first_token_after_transfer=True,
+            first_token_after_transfer=True, imports_at_step_boundaries=True,
         )
     return ClusterSpec(colocated=(instance,) * layout.num_colocated, routing=layout.routing,
                        router_overhead_s=settings.router_overhead_s)

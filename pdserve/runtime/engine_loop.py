@@ -71,6 +71,11 @@ class EngineLoop:
                         future.set_result(fn(engine))
                     except BaseException as error:  # the caller gets it; the loop goes on
                         future.set_exception(error)
+            # What the calls produced (a committed import's first token, an abort) goes out now,
+            # not after the next step: in a decode worker under load that step is the longest
+            # part of a hand-off's time to first token.
+            for output in engine.take_pending_outputs():
+                self._deliver(output)
             if engine.has_work():
                 try:
                     outputs = engine.step()
