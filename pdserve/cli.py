@@ -29,6 +29,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="projection weights: dense (default), or weight-only int8/int4 kernels that speed up "
         "CPU decoding (prefill batches still run dense)",
     )
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "native", "torch"],
+        help="decode attention: native (a C++ kernel reading the paged KV cache in place; CPU; built "
+        "once per machine, ~20 s), torch (gather + SDPA), or auto (default: native for bfloat16 on "
+        "CPUs with bf16 hardware when it builds, else torch)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -257,7 +265,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     llm = LLM(
         args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-        weight_format=args.weight_format,
+        weight_format=args.weight_format, attention=args.attention,
     )
     try:
         if args.chat:

@@ -164,11 +164,12 @@ def _byte_alphabet_chars() -> list[str]:
 
 
 def make_float32_llm(
-    checkpoint: Checkpoint, cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None
+    checkpoint: Checkpoint, cache: CacheConfig | None = None, scheduler: SchedulerConfig | None = None,
+    attention: str = "auto",
 ) -> LLM:
     """An engine in float32 (the reference-exact mode) over an already loaded checkpoint."""
     config = EngineConfig(
-        model=ModelConfig(dtype="float32"),
+        model=ModelConfig(dtype="float32", attention=attention),
         cache=cache or CacheConfig(),
         scheduler=scheduler or SchedulerConfig(),
         show_progress=False,

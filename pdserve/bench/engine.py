@@ -75,23 +75,26 @@ class BenchPlan:
     """Timed decode steps per batch size (each step yields batch-size tokens)."""
     hf_bf16_prefill_lengths: tuple[int, ...]
     num_hf_bf16_repeats: int
+    attention: str = "auto"
+    """Our engine's decode attention (``--attention``): auto, native or torch."""
 
     @classmethod
     def create(
-        cls, model_path: str, dtype: str, weight_format: str, device: str, num_threads: int, quick: bool
+        cls, model_path: str, dtype: str, weight_format: str, device: str, num_threads: int, quick: bool,
+        attention: str = "auto",
     ) -> BenchPlan:
         if quick:
             return cls(
                 model_path, dtype, weight_format, device, num_threads, quick,
                 prefill_lengths=(512,), num_prefill_repeats=2, batch_sizes=(1, 8),
                 context_length=512, num_warmup_steps=2, num_decode_steps=8,
-                hf_bf16_prefill_lengths=(512,), num_hf_bf16_repeats=1,
+                hf_bf16_prefill_lengths=(512,), num_hf_bf16_repeats=1, attention=attention,
             )  # fmt: skip
         return cls(
             model_path, dtype, weight_format, device, num_threads, quick,
             prefill_lengths=(512, 2048), num_prefill_repeats=3, batch_sizes=(1, 8, 32, 64),
             context_length=512, num_warmup_steps=3, num_decode_steps=20,
-            hf_bf16_prefill_lengths=(2048,), num_hf_bf16_repeats=2,
+            hf_bf16_prefill_lengths=(2048,), num_hf_bf16_repeats=2, attention=attention,
         )  # fmt: skip
 
     def to_json(self) -> str:
@@ -233,6 +236,7 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
     engine = LLMEngine(config, checkpoint)
     load_seconds = time.perf_counter() - started
     weight_dtype = str(engine.model.dtype).removeprefix("torch.")
+    decode_attention = "native" if engine.model.native_decode is not None else "torch"
     weight_numel = checkpoint.num_parameters  # the tied embedding once: it is also the LM head
     weight_bytes = decode_weight_bytes(engine.model)
     del checkpoint
@@ -256,6 +260,7 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
         "dtype": plan.dtype,
         "weight_dtype": weight_dtype,
         "weight_format": plan.weight_format,
+        "decode_attention": decode_attention,
         "weight_numel": weight_numel,
         # What one batch-1 decode step reads: every projection (the LM head included) and norm.
         "weight_bytes": weight_bytes,
@@ -320,7 +325,7 @@ def _engine_config(plan: BenchPlan) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(
             path=plan.model_path, dtype=plan.dtype, weight_format=plan.weight_format,
-            device=plan.device, num_threads=plan.num_threads,
+            device=plan.device, num_threads=plan.num_threads, attention=plan.attention,
         ),
         cache=CacheConfig(
             num_blocks=max(max_batch * decode_blocks, prefill_blocks) + 1,
@@ -447,7 +452,8 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(args.model)
     weight_format = getattr(args, "weight_format", "dense")
     plan = BenchPlan.create(
-        str(model_path), args.dtype, weight_format, args.device, num_threads, args.quick
+        str(model_path), args.dtype, weight_format, args.device, num_threads, args.quick,
+        getattr(args, "attention", "auto"),
     )
     torch.set_num_threads(num_threads)
     machine = machine_info(num_threads)
@@ -724,6 +730,8 @@ def format_table(report: dict[str, Any]) -> str:
     ours_dtype = ours["weight_dtype"] + (f" ({ours['dtype']})" if ours["dtype"] != ours["weight_dtype"] else "")
     if ours.get("weight_format", "dense") != "dense":
         ours_dtype += f", {ours['weight_format']} weights"
+    if ours.get("decode_attention") == "native":
+        ours_dtype += ", native decode attention"
     header = ["", f"pdserve {ours_dtype}", "HF sdpa float32", "HF sdpa bfloat16", "pdserve / HF", "target"]
     rows: list[list[str]] = []
 

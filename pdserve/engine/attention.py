@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pdserve.engine.native_attention import PagedDecodeAttention
+
 
 @dataclass
 class PrefillSpan:
@@ -42,6 +44,8 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None
     """[num_decode, 1, 1, max_blocks * block_size] bool, True for real (unpadded) positions."""
     prefills: list[PrefillSpan]
+    decode_context_lens: torch.Tensor | None = None
+    """[num_decode] int64 context length of each decode sequence (its new token included)."""
     workspace: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     """Gather buffers reused by every layer of one forward pass. Allocating ~50 MB per layer
     crossed glibc's trim threshold at batch 64: memory went back to the OS and was
@@ -64,6 +68,7 @@ def paged_attention(
     meta: AttentionMetadata,
     compute_dtype: torch.dtype,
     decode_dtype: torch.dtype | None = None,
+    native_decode: PagedDecodeAttention | None = None,
 ) -> torch.Tensor:
     """Attention of every query in the batch over its sequence's cached context.
 
@@ -71,6 +76,8 @@ def paged_attention(
     ``compute_dtype`` exists because on CPU float32 SDPA is several times faster than bfloat16
     for prefill chunks; ``decode_dtype`` (default: ``compute_dtype``) is the decodes' own, since
     converting every gathered K/V position for them can cost more than the kernel saves.
+    ``native_decode`` (native_attention.py), when given, runs the decodes straight from the
+    cache instead of gathering their contexts for SDPA.
     """
     decode_dtype = decode_dtype or compute_dtype
     num_tokens, num_heads, head_dim = q.shape
@@ -92,7 +99,12 @@ def paged_attention(
 
 
     num_decode = meta.num_decode_tokens
-    if num_decode:
+    if num_decode and native_decode is not None and meta.decode_context_lens is not None:
+        assert meta.decode_blocks is not None
+        attended = native_decode(q[:num_decode], k_cache, v_cache, meta.decode_blocks, meta.decode_context_lens,
+                                 head_dim**-0.5)
+        out[:num_decode] = attended.to(q.dtype)
+    elif num_decode:
         assert meta.decode_blocks is not None and meta.decode_mask is not None
         # All query heads of one KV head attend to the same keys: fold them into the query axis
         # instead of repeating K/V (GQA without copies).

@@ -32,6 +32,10 @@ class ModelConfig:
     """Longest prompt + output in tokens; None means the model's trained context length."""
     num_threads: int | None = None
     """torch intra-op threads on CPU; None leaves torch's default."""
+    attention: str = "auto"
+    """Decode attention: "native" (a C++ kernel reading the paged cache in place, CPU only, built
+    on first use), "torch" (gather + SDPA), or "auto" (native for bfloat16 on CPUs with bf16
+    hardware, when it builds; torch otherwise, float32 included)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -44,6 +48,8 @@ class ModelConfig:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be positive, got {self.num_threads}")
+        if self.attention not in ("auto", "native", "torch"):
+            raise ValueError(f"attention must be auto, native or torch, got {self.attention!r}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ class LLM:
         device: str = "cpu",
         threads: int | None = None,
         weight_format: str = "dense",
+        attention: str = "auto",
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         config: EngineConfig | None = None,
@@ -36,7 +37,8 @@ class LLM:
         if config is None:
             config = EngineConfig(
                 model=ModelConfig(
-                    path=model, dtype=dtype, device=device, num_threads=threads, weight_format=weight_format
+                    path=model, dtype=dtype, device=device, num_threads=threads, weight_format=weight_format,
+                    attention=attention,
                 ),
                 cache=cache or CacheConfig(),
                 scheduler=scheduler or SchedulerConfig(),

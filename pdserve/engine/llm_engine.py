@@ -81,7 +81,8 @@ class LLMEngine:
         dtype = resolve_dtype(config.model.dtype, self.device)
         kv_dtype = resolve_dtype(config.model.kv_cache_dtype or config.model.dtype, self.device)
         self.model = LlamaModel(
-            arch, checkpoint.weights, dtype, self.device, self.max_model_len, config.model.weight_format
+            arch, checkpoint.weights, dtype, self.device, self.max_model_len, config.model.weight_format,
+            config.model.attention,
         )
 
         layout = plan_layout(arch, config.cache, kv_dtype)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.device import cpu_has_fast_bf16
+from pdserve.engine.native_attention import PagedDecodeAttention, load_paged_decode_attention
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
 
@@ -55,6 +56,26 @@ def rope_inverse_frequencies(arch: LlamaArchitecture) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
 
+def _native_decode(attention: str, device: torch.device, fast_bf16: bool) -> PagedDecodeAttention | None:
+    """The native decode kernel (native_attention.py) where ``attention`` asks for it.
+
+    ``auto`` takes it for bf16 models on bf16 CPUs, the default fast path, where it made decode
+    steps faster (benchmarks/results/engine.json); float32, the reference that the parity tests
+    hold to Hugging Face, keeps the torch path unless ``native`` is asked for.
+    """
+    if attention == "torch" or (attention == "auto" and not fast_bf16):
+        return None
+    if device.type != "cpu":
+        if attention == "native":
+            raise ValueError(f"attention='native' is a CPU kernel; the model is on {device}")
+        return None
+    kernel = load_paged_decode_attention()
+    if kernel is None and attention == "native":
+        raise RuntimeError("attention='native': the kernel could not be built here (see the warning above); "
+                           "use attention='torch'")
+    return kernel
+
+
 @dataclass
 class DecoderLayer:
     """One decoder layer's weights; Q/K/V and gate/up are fused along the output dim."""
@@ -78,6 +99,7 @@ class LlamaModel:
         device: torch.device,
         max_positions: int,
         weight_format: str = "dense",
+        attention: str = "auto",
     ) -> None:
         self.arch = arch
         self.dtype = dtype
@@ -89,6 +111,7 @@ class LlamaModel:
         # faster at batch 1 / 8 / 32, 512-token contexts, 2-core Xeon with AVX512-BF16).
         fast_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16()
         self.decode_attention_dtype = torch.bfloat16 if fast_bf16 else self.attention_dtype
+        self.native_decode = _native_decode(attention, device, fast_bf16)
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -198,7 +221,8 @@ class LlamaModel:
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             if layer_callback is not None:
                 layer_callback(index, k, v)
-            attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype, self.decode_attention_dtype)
+            attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype, self.decode_attention_dtype,
+                                       self.native_decode)
             hidden = self._linear(attended.reshape(-1, q_size), layer.o, residual)
 
             residual = hidden

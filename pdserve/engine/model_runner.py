@@ -96,7 +96,7 @@ class ModelRunner:
     def _attention_metadata(self, chunks: list[ScheduledChunk], slots: list[int]) -> AttentionMetadata:
         device = self.device
         decodes = [c for c in chunks if c.num_tokens == 1]
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = decode_lengths = None
         if decodes:
             max_blocks = max(-(-c.context_length // self.block_size) for c in decodes)
             padded = [c.block_table[:max_blocks] for c in decodes]
@@ -104,7 +104,7 @@ class ModelRunner:
             offsets = torch.arange(max_blocks * self.block_size)
             lengths = torch.tensor([c.context_length for c in decodes])
             decode_mask = (offsets[None, :] < lengths[:, None])[:, None, None, :]
-            decode_blocks, decode_mask = decode_blocks.to(device), decode_mask.to(device)
+            decode_blocks, decode_mask, decode_lengths = decode_blocks.to(device), decode_mask.to(device), lengths.to(device)
 
         prefills: list[PrefillSpan] = []
         row = len(decodes)
@@ -124,6 +124,7 @@ class ModelRunner:
             decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             prefills=prefills,
+            decode_context_lens=decode_lengths,
         )
 
     @staticmethod

@@ -52,6 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
             argv = [
                 "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
                 "--model", model, "--dtype", args.dtype, "--weight-format", args.weight_format,
+                "--attention", args.attention,
                 "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
                 "--log-level", args.log_level, *(["--plain-logs"] if args.plain_logs else []),
             ]

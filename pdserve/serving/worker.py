@@ -41,7 +41,7 @@ def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[En
         show_progress=not args.exit_with_parent,  # under `serve`, the supervisor reports progress
         model=ModelConfig(
             path=args.model, dtype=args.dtype, device=args.device, num_threads=num_threads,
-            weight_format=args.weight_format,
+            weight_format=args.weight_format, attention=args.attention,
         ),
         # A prefill pool in shared memory lets same-host decode workers copy KV straight out of it.
         cache=CacheConfig(memory_bytes=args.kv_memory_mb << 20, allocator="shm" if args.role != "decode" else "heap"),

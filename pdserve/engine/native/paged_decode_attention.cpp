@@ -1,0 +1,192 @@
+// Decode attention read straight from the paged KV cache (CPU), for native_attention.py.
+//
+// One query token per sequence attends over its cached context, block by block through its
+// block table: no gathered copy of the context, one pass over the keys and one over the values.
+// Every (sequence, KV head) pair is one task; the query heads of a KV head's group share each key
+// and value read (GQA). Scores, softmax and sums are float32; the cache is float32 or bfloat16,
+// widened on the fly (a bfloat16 is the top half of a float32).
+//
+// Built with -O3 -ffast-math -fopenmp: the loops over the head dimension and over positions
+// vectorize (reductions reassociated, exp through the vector math library). The head dimension
+// is a template parameter for the common sizes, so those loops have fixed trip counts.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float widen(float value) { return value; }
+
+inline float widen(c10::BFloat16 value) {
+  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+struct Geometry {
+  int64_t num_seqs, num_heads, num_kv_heads, block_size, max_blocks;
+  float scale;
+};
+
+// Calls visit(position, row) for positions 0 .. length - 1 of one sequence, row pointing at the
+// KV head's vector in the cache; positions of a block are position_stride apart.
+template <typename cache_t, typename Visit>
+inline void for_each_position(const cache_t* cache, const int64_t* table, int64_t length, int64_t head_offset,
+                              int64_t block_size, int64_t position_stride, Visit visit) {
+  const int64_t block_stride = block_size * position_stride;
+  for (int64_t start = 0; start < length; start += block_size) {
+    const cache_t* row = cache + table[start / block_size] * block_stride + head_offset;
+    const int64_t count = std::min(block_size, length - start);
+    for (int64_t offset = 0; offset < count; ++offset, row += position_stride) visit(start + offset, row);
+  }
+}
+
+// kHeadDim > 0: a compile-time head dimension; 0: use head_dim.
+template <int kHeadDim, typename cache_t>
+void attend(const float* q, const cache_t* k_cache, const cache_t* v_cache, const int64_t* block_tables,
+            const int64_t* context_lens, float* out, const Geometry& geo, int64_t runtime_head_dim) {
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+  const int64_t group = geo.num_heads / geo.num_kv_heads;
+  // The cache is [num_blocks, block_size, num_kv_heads, head_dim].
+  const int64_t position_stride = geo.num_kv_heads * head_dim;
+
+  at::parallel_for(0, geo.num_seqs * geo.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<float> acc(group * head_dim);
+    std::vector<float> row(head_dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / geo.num_kv_heads;
+      const int64_t kv_head = task % geo.num_kv_heads;
+      const int64_t length = context_lens[seq];
+      const int64_t* table = block_tables + seq * geo.max_blocks;
+      const float* queries = q + (seq * geo.num_heads + kv_head * group) * head_dim;
+      scores.resize(group * length);
+
+      // Scores.
+      for_each_position(k_cache, table, length, kv_head * head_dim, geo.block_size, position_stride,
+                        [&](int64_t pos, const cache_t* k) {
+#pragma omp simd
+                          for (int64_t d = 0; d < head_dim; ++d) row[d] = widen(k[d]);
+                          for (int64_t g = 0; g < group; ++g) {
+                            const float* qg = queries + g * head_dim;
+                            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+                            scores[g * length + pos] = dot * geo.scale;
+                          }
+                        });
+
+      // Softmax per query head (normalized at the end).
+      std::vector<float> inverse_sums(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* s = scores.data() + g * length;
+        // -ffast-math assumes no infinities: start from the lowest finite float.
+        float peak = std::numeric_limits<float>::lowest();
+        for (int64_t pos = 0; pos < length; ++pos) peak = std::max(peak, s[pos]);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t pos = 0; pos < length; ++pos) {
+          s[pos] = std::exp(s[pos] - peak);
+          sum += s[pos];
+        }
+        inverse_sums[g] = 1.0f / sum;
+      }
+
+      // Weighted sum of the values.
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for_each_position(v_cache, table, length, kv_head * head_dim, geo.block_size, position_stride,
+                        [&](int64_t pos, const cache_t* v) {
+#pragma omp simd
+                          for (int64_t d = 0; d < head_dim; ++d) row[d] = widen(v[d]);
+                          for (int64_t g = 0; g < group; ++g) {
+                            const float weight = scores[g * length + pos];
+                            float* a = acc.data() + g * head_dim;
+#pragma omp simd
+                            for (int64_t d = 0; d < head_dim; ++d) a[d] += weight * row[d];
+                          }
+                        });
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = out + (seq * geo.num_heads + kv_head * group + g) * head_dim;
+        const float* a = acc.data() + g * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * inverse_sums[g];
+      }
+    }
+  });
+}
+
+template <typename cache_t>
+void dispatch_head_dim(const float* q, const cache_t* k, const cache_t* v, const int64_t* tables,
+                       const int64_t* lengths, float* out, const Geometry& geo, int64_t head_dim) {
+  switch (head_dim) {
+    case 64: return attend<64>(q, k, v, tables, lengths, out, geo, head_dim);
+    case 128: return attend<128>(q, k, v, tables, lengths, out, geo, head_dim);
+    default: return attend<0>(q, k, v, tables, lengths, out, geo, head_dim);
+  }
+}
+
+// q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
+// block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64, each in
+// [1, max_blocks * block_size]. Returns [num_seqs, num_heads, head_dim] float32.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_decode_attention runs on the CPU");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "q must be [seqs, heads, head_dim] and the caches [blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "the K and V caches differ in dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block tables and context lengths must be int64");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2), num_blocks = k_cache.size(0);
+  TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0,
+              "the query heads do not match the cache's KV heads");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs && context_lens.dim() == 1 &&
+                  context_lens.size(0) == num_seqs,
+              "one block table row and one context length per sequence");
+  const at::Tensor queries = q.to(at::kFloat).contiguous();
+  const at::Tensor tables = block_tables.contiguous();
+  const at::Tensor lengths = context_lens.contiguous();
+  const int64_t max_blocks = tables.size(1);
+  const int64_t* lengths_data = lengths.data_ptr<int64_t>();
+  const int64_t* tables_data = tables.data_ptr<int64_t>();
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t length = lengths_data[seq];
+    TORCH_CHECK(length >= 1 && length <= max_blocks * block_size, "a context length is outside its block table");
+    for (int64_t b = 0; b < (length + block_size - 1) / block_size; ++b) {
+      const int64_t block = tables_data[seq * max_blocks + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "a block table names a block outside the cache");
+    }
+  }
+  at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options().dtype(at::kFloat));
+  const Geometry geo{num_seqs, num_heads, num_kv_heads, block_size, max_blocks, static_cast<float>(scale)};
+  if (k_cache.scalar_type() == at::kBFloat16) {
+    dispatch_head_dim(queries.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
+                      v_cache.data_ptr<c10::BFloat16>(), tables_data, lengths_data, out.data_ptr<float>(), geo,
+                      head_dim);
+  } else {
+    TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "the cache must be float32 or bfloat16");
+    dispatch_head_dim(queries.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables_data,
+                      lengths_data, out.data_ptr<float>(), geo, head_dim);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pdserve, m) {
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
