@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pdserve.bench.load.stats import percentile
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import Checkpoint, load_checkpoint, resolve_model_path
@@ -37,11 +38,6 @@ def _engine(checkpoint: Checkpoint, attention: str, batch: int, context: int, st
     while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
         engine.step()
     return engine
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -73,7 +69,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
         for engine in engines.values():
             engine.close()
-        summary = {name: (statistics.median(t) * 1000, _percentile(t, 90) * 1000) for name, t in times.items()}
+        summary = {name: (statistics.median(t) * 1000, percentile(t, 90) * 1000) for name, t in times.items()}
         speedup = summary["torch"][0] / summary["native"][0]
         rows.append({"batch": batch, "torch_ms": summary["torch"], "native_ms": summary["native"],
                      "speedup_p50": speedup})

@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pdserve.planner.validate import PointResult
+from pdserve.planner.validate import Comparison, PointResult
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,8 @@ class RepeatedComparison:
 
     @property
     def relative_error(self) -> float:
-        measured, predicted = self.measured_median, self.predicted_median
-        if not (math.isfinite(measured) and math.isfinite(predicted)) or measured <= 0:
-            return math.nan
-        return (predicted - measured) / measured
+        """Of the predicted median against the measured one, as a single run's (NaN if missing)."""
+        return Comparison(self.metric, self.quantile, self.measured_median, self.predicted_median).relative_error
 
     def within(self, tolerance: float) -> bool:
         allowed = self.allowed_error(tolerance)

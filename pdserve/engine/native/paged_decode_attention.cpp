@@ -75,6 +75,7 @@ void attend(const float* q, const cache_t* k_cache, const cache_t* v_cache, cons
     std::vector<float> scores;
     std::vector<float> acc(group * head_dim);
     std::vector<float> row(head_dim);
+    std::vector<float> inverse_sums(group);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / geo.num_kv_heads;
       const int64_t kv_head = task % geo.num_kv_heads;
@@ -98,7 +99,6 @@ void attend(const float* q, const cache_t* k_cache, const cache_t* v_cache, cons
                         });
 
       // Softmax per query head (normalized at the end).
-      std::vector<float> inverse_sums(group);
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * length;
         // -ffast-math assumes no infinities: start from the lowest finite float.
