@@ -4,6 +4,14 @@ The engine is not thread-safe, so everything that touches it — adding and abor
 reserving and committing imported KV, releasing held KV — runs on the loop's thread, between
 steps, through :meth:`EngineLoop.call`. The only work done off that thread is copying KV bytes
 into reserved blocks or out of held ones, which no step touches.
+
+The engine is also *built* on the loop's thread (``build``). On CPU every thread that runs a
+parallel torch op gets an OpenMP team of its own, and once a process holds more OpenMP threads
+than it has cores, libgomp stops spin-waiting between parallel regions: every parallel op then
+pays for waking its team. Loading the model on the main thread and stepping on this one made a
+two-thread engine's prefill steps 1.2-1.5x and its decode steps 1.4-2.4x slower than the same
+engine stepped where it was loaded (``benchmarks/engine_thread_ab.py``; one-thread engines run no
+parallel regions and are unaffected). One thread for all of the engine's compute keeps one team.
 """
 
 from __future__ import annotations
@@ -23,16 +31,32 @@ T = TypeVar("T")
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_output: Callable[[RequestOutput], None]) -> None:
-        self.engine = engine
+    def __init__(self, build: Callable[[], LLMEngine], on_output: Callable[[RequestOutput], None]) -> None:
+        self._build = build
+        self._engine: LLMEngine | None = None
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
         self._on_output = on_output
         self._calls: deque[tuple[Callable[[LLMEngine], object], Future[object]]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> LLMEngine:
+        """Start the loop's thread and build the engine on it; returns the engine once built
+        (or raises what building it raised)."""
         self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            self._thread.join()
+            raise self._build_error
+        return self.engine
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise RuntimeError("the engine loop has not built its engine (start it first)")
+        return self._engine
 
     def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
         """Run ``fn(engine)`` on the loop thread before the next step; its result or exception
@@ -56,7 +80,13 @@ class EngineLoop:
     # -- the loop thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        engine = self.engine
+        try:
+            engine = self._engine = self._build()
+        except BaseException as error:  # start() re-raises it in the caller's thread
+            self._build_error = error
+            return
+        finally:
+            self._built.set()
         while True:
             with self._wake:
                 while not self._stopping and not self._calls and not engine.has_work():

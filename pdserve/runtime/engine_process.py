@@ -25,9 +25,8 @@ from typing import Any
 import zmq
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.llm_engine import LLMEngine
 from pdserve.logs import configure_logging
-from pdserve.runtime.engine_service import EngineService, warm_up
+from pdserve.runtime.engine_service import EngineService, warmed_up_engine
 from pdserve.transfer.config import TransferConfig
 
 log = logging.getLogger("pdserve.engine_process")
@@ -54,9 +53,7 @@ class EngineProcessConfig:
 
 
 def serve(config: EngineProcessConfig) -> None:
-    engine = LLMEngine(config.engine)
-    service = EngineService(engine, config.transfer)
-    warm_up(engine)
+    service = EngineService(lambda: warmed_up_engine(config.engine), config.transfer)
     kv_address = service.start()
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)

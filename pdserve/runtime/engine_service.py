@@ -1,6 +1,7 @@
 """The engine as a service: control ops in, events out, KV offered and pulled on the side.
 
-``EngineService`` owns an :class:`EngineLoop` (the engine on its own thread) and a KV connector.
+``EngineService`` owns an :class:`EngineLoop` (the engine, built and stepped on a thread of its
+own) and a KV connector.
 Its ``handle`` turns the ops of :mod:`pdserve.runtime.protocol` into engine calls; engine
 outputs and transfer outcomes become events in ``events`` (with a pipe to wake a poller). The
 engine process serves it over ZeroMQ, a serving worker over HTTP, tests in-process.
@@ -13,7 +14,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import psutil
 import torch
 
+from pdserve.engine.config import EngineConfig
 from pdserve.engine.handoff import HandoffHeader, IncompatibleHandoffError, sampled_token_to_json
 from pdserve.engine.kv_cache import KVLayout
 from pdserve.engine.llm_engine import LLMEngine
@@ -65,8 +67,9 @@ class _Pull:
 class EngineService:
     """Owns the engine loop and the connector; turns control ops into engine calls."""
 
-    def __init__(self, engine: LLMEngine, transfer: TransferConfig) -> None:
-        self.engine = engine
+    def __init__(self, build_engine: Callable[[], LLMEngine], transfer: TransferConfig) -> None:
+        """Builds the engine with ``build_engine`` on the loop's thread (see engine_loop.py for
+        why) and waits for it: this is where a worker spends its model loading."""
         self.events: queue.SimpleQueue[tuple[bytes, dict[str, Any]]] = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
         self._clients: dict[str, bytes] = {}
@@ -74,11 +77,17 @@ class EngineService:
         self._offered: set[str] = set()
         self._pulls: dict[str, _Pull] = {}
         self._lock = threading.Lock()
-        self.loop = EngineLoop(engine, self._on_output)
+        self.loop = EngineLoop(build_engine, self._on_output)
+        self.engine = engine = self.loop.start()
         self.transfer = transfer
-        self.connector: KVConnector = connector_class(transfer.backend)(
-            transfer, engine.kv_pool.layout, source=EngineKVSource(engine), release=self._release
-        )
+        try:
+            self.connector: KVConnector = connector_class(transfer.backend)(
+                transfer, engine.kv_pool.layout, source=EngineKVSource(engine), release=self._release
+            )
+        except BaseException:
+            self.loop.stop()
+            engine.close()
+            raise
         self._receivers: dict[str, KVConnector] = {transfer.backend: self.connector}
         """Connectors for pulls, by backend name: a pull may ask for another than the default."""
         # Reused threads (a new thread's first torch op costs ~10 ms of OpenMP set-up).
@@ -89,9 +98,8 @@ class EngineService:
         return self._wake_read
 
     def start(self) -> str:
-        address = self.connector.start()
-        self.loop.start()
-        return address
+        """Start serving KV; returns the connector's address (the engine loop already runs)."""
+        return self.connector.start()
 
     def close(self) -> None:
         with self._lock:
@@ -368,10 +376,13 @@ def _kv_bytes(layout: KVLayout, num_tokens: int) -> int:
     return num_tokens * layout.bytes_per_block // layout.block_size
 
 
-def warm_up(engine: LLMEngine) -> None:
-    """One tiny request, so the first real one does not pay for lazy initialisation."""
+def warmed_up_engine(config: EngineConfig) -> LLMEngine:
+    """The engine of ``config``, after one tiny request so that the first real one does not pay
+    for lazy initialisation (an ``EngineService`` build function)."""
+    engine = LLMEngine(config)
     started = time.monotonic()
     engine.add_request([1, 2, 3], SamplingParams(max_tokens=2), "warm-up")
     while engine.has_unfinished_requests():
         engine.step()
     log.info("warmed up in %.2f s", time.monotonic() - started)
+    return engine

@@ -37,8 +37,8 @@ class InProcessWorker:
             scheduler=scheduler or SchedulerConfig(),
             show_progress=False,
         )
-        self.engine = LLMEngine(config, checkpoint)
-        self.service = EngineService(self.engine, transfer)
+        self.service = EngineService(lambda: LLMEngine(config, checkpoint), transfer)
+        self.engine = self.service.engine
         self.kv_address = self.service.start()
         self._events: defaultdict[str, deque[dict[str, Any]]] = defaultdict(deque)
         self._lock = threading.Lock()

@@ -16,10 +16,9 @@ import torch
 import uvicorn
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
-from pdserve.engine.llm_engine import LLMEngine
 from pdserve.logs import configure_logging
 from pdserve.runtime.engine_process import die_with_parent
-from pdserve.runtime.engine_service import EngineService, warm_up
+from pdserve.runtime.engine_service import EngineService, warmed_up_engine
 from pdserve.serving.internal_auth import check_internal_secret
 from pdserve.serving.worker_app import create_worker_app
 from pdserve.transfer.config import TransferConfig
@@ -65,9 +64,8 @@ def run_worker(args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, cpus)
         num_threads = num_threads or len(cpus)
     engine_config, transfer = worker_config(args, num_threads)
-    engine = LLMEngine(engine_config)
-    warm_up(engine)
-    service = EngineService(engine, transfer)
+    service = EngineService(lambda: warmed_up_engine(engine_config), transfer)
+    engine = service.engine
     service.start()
     app = create_worker_app(service, args.role, args.internal_secret)
     logging.getLogger(__name__).info(

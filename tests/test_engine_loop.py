@@ -1,0 +1,81 @@
+"""EngineLoop builds its engine on its own thread and runs every engine call there.
+
+Why it matters (engine_loop.py): a second OpenMP team in the process made a two-thread worker's
+steps 1.2-2.4x slower (benchmarks/results/engine_thread_ab.json). Timing is for benchmarks;
+these tests pin the structure that avoids it, with the real model.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fixtures_model import make_float32_llm
+
+from pdserve.engine.config import CacheConfig
+from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.loader import Checkpoint
+from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.runtime.engine_loop import EngineLoop
+from pdserve.runtime.engine_service import EngineService
+from pdserve.transfer.config import TransferConfig
+
+
+class _Recorder:
+    """A build function that records the thread it ran on, and an output callback likewise."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.build_thread: int | None = None
+        self.output_threads: set[int] = set()
+        self.finished = threading.Event()
+
+    def build(self) -> LLMEngine:
+        self.build_thread = threading.get_ident()
+        return make_float32_llm(self.checkpoint, CacheConfig(num_blocks=16)).engine
+
+    def on_output(self, output: RequestOutput) -> None:
+        self.output_threads.add(threading.get_ident())
+        if output.finished:
+            self.finished.set()
+
+
+def test_the_engine_is_built_stepped_and_called_on_the_loop_thread(checkpoint: Checkpoint) -> None:
+    recorder = _Recorder(checkpoint)
+    loop = EngineLoop(recorder.build, recorder.on_output)
+    engine = loop.start()
+    try:
+        assert recorder.build_thread is not None and recorder.build_thread != threading.get_ident()
+        assert loop.engine is engine
+        assert loop.call(lambda _: threading.get_ident()).result(30) == recorder.build_thread
+        loop.call(lambda e: e.add_request([1, 2, 3, 4], SamplingParams(max_tokens=3), "r")).result(30)
+        assert recorder.finished.wait(60)
+        assert recorder.output_threads == {recorder.build_thread}, "steps ran on another thread than the build"
+    finally:
+        loop.stop()
+        engine.close()
+
+
+def test_a_failed_build_is_raised_by_start_and_leaves_no_thread() -> None:
+    def build() -> LLMEngine:
+        raise FileNotFoundError("no such model file: /nowhere.gguf")
+
+    loop = EngineLoop(build, lambda _: None)
+    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+        loop.start()
+    assert not any(t.name == "engine-loop" and t.is_alive() for t in threading.enumerate())
+    with pytest.raises(RuntimeError, match="has not built its engine"):
+        _ = loop.engine
+    loop.stop()  # harmless after a failed start
+
+
+def test_the_service_builds_its_engine_on_the_loop_thread(checkpoint: Checkpoint) -> None:
+    """Workers and engine processes hand EngineService a build function, never an engine."""
+    recorder = _Recorder(checkpoint)
+    service = EngineService(recorder.build, TransferConfig())
+    try:
+        assert service.loop.call(lambda _: threading.get_ident()).result(30) == recorder.build_thread
+        assert service.engine is service.loop.engine
+    finally:
+        service.close()
