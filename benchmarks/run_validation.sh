@@ -2,9 +2,12 @@
 # The planner's check against reality (docs/planner.md, "Checking the simulator"): pdserve
 # colocated and disaggregated under load at three rates up to ~80% of their capacity on this
 # machine, two workloads, the whole load REPEATS times (the same command: same seed, arrivals and
-# lengths), then `pdserve plan validate` replays every point's requests through the simulator
-# with this machine's calibrated profiles and judges each point against the spread of the
-# repeats as well. About 14 minutes per repeat; nothing else may run.
+# lengths), then calibrates this machine's step profiles (two threads as the colocated worker;
+# one thread beside a busy core, as a disaggregated pair's workers run: --neighbour-load), then
+# `pdserve plan validate` replays every point's requests through the simulator with those
+# profiles and judges each point against the spread of the repeats as well. About 14 minutes per
+# repeat and 5 for the profiles; nothing else may run (not even a linter: a calibration beside
+# other work is void). SKIP_CALIBRATION=1 validates with the profiles already there.
 #
 #   benchmarks/run_validation.sh            # REPEATS=3 into run-1/ run-2/ run-3/
 #   FIRST_RUN=2 REPEATS=3 benchmarks/run_validation.sh   # add run-2 and run-3 to an existing run-1
@@ -32,11 +35,17 @@ for run in $(seq "$FIRST_RUN" "$REPEATS"); do
       --requests-per-rate "$REQUESTS_PER_RATE" --seed 7 --time-budget 1200 --out "$OUT/run-$run/load-$workload"
   done
 done
+if [[ "${SKIP_CALIBRATION:-0}" != 1 ]]; then
+  # Right after the load: the machine's speed drifts by ~10% within an hour.
+  say "calibrating the step profiles"
+  "$PDSERVE" plan calibrate --threads 2 --out "$PROFILES-2t.json"
+  "$PDSERVE" plan calibrate --threads 1 --neighbour-load --out "$PROFILES-1t-neighbour.json"
+fi
 say "replaying every point of every run through the simulator"
 runs=()
 for run in $(seq 1 "$REPEATS"); do
   runs+=("$OUT/run-$run/load-summarize/compare.json" "$OUT/run-$run/load-mixed/compare.json")
 done
-profiles=(--profile-1t "$PROFILES-1t.json" --profile-2t "$PROFILES-2t.json")
+profiles=(--profile-1t "$PROFILES-1t-neighbour.json" --profile-2t "$PROFILES-2t.json")
 "$PDSERVE" plan validate "${runs[@]}" "${profiles[@]}" --out "$OUT/as-calibrated"
 "$PDSERVE" plan validate "${runs[@]}" "${profiles[@]}" --unloaded-correction --out "$OUT/unloaded-correction"

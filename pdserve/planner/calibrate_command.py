@@ -4,12 +4,15 @@ Loads the engine at N threads (pinned to N cores, as ``pdserve serve`` pins its 
 the calibration plan's steps (calibrate.py; progress on stderr), fits the linear step cost
 (step_profile.py) and, unless --skip-roofline, measures this machine's GEMM and copy peaks and
 fits the roofline's efficiencies to the same samples; writes the profile JSON and prints both
-fits. Do not run it beside other CPU-heavy work: it measures the machine as it is.
+fits. Do not run it beside other CPU-heavy work: it measures the machine as it is. With
+--neighbour-load, the engine decodes a batch on the remaining cores throughout, as the other
+worker of a disaggregated pair or of two replicas does (neighbour_load.py); the profile records it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -18,6 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.planner.calibrate import CalibrationPlan
+    from pdserve.planner.neighbour_load import NeighbourLoad
     from pdserve.planner.step_profile import StepProfile
 
 PROFILE_DIR = Path("benchmarks/results/profiles")
@@ -34,21 +40,19 @@ def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype, as the workers run (default: auto)")
     parser.add_argument("--skip-roofline", action="store_true",
                         help="do not measure the machine's peaks nor fit the roofline's efficiencies")
+    parser.add_argument("--neighbour-load", action="store_true",
+                        help="keep the cores not calibrated busy with an engine decoding a batch, as the other "
+                             "worker of a disaggregated pair or two replicas does (shared memory bandwidth "
+                             "and cache); the profile says so")
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     # Heavy imports (torch, the engine) only when the command runs.
-    from pdserve.bench.engine import machine_info
     from pdserve.engine.config import ModelConfig
     from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.planner.calibrate import (
-        QUICK_PLAN,
-        STANDARD_PLAN,
-        fit_roofline,
-        measure_samples,
-        model_spec_of,
-    )
-    from pdserve.planner.step_profile import StepProfile, fit_linear, save_profile
+    from pdserve.planner.calibrate import QUICK_PLAN, STANDARD_PLAN
+    from pdserve.planner.neighbour_load import NeighbourLoad
+    from pdserve.planner.step_profile import save_profile
 
     cores = sorted(os.sched_getaffinity(0))
     threads = args.threads or len(cores)
@@ -56,28 +60,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"pdserve plan calibrate: error: --threads must be 1..{len(cores)} (usable cores)", file=sys.stderr)
         return 2
     os.sched_setaffinity(0, cores[:threads])
+    neighbour = None
+    if args.neighbour_load:
+        if threads == len(cores):
+            print("pdserve plan calibrate: error: --neighbour-load needs a core that is not calibrated "
+                  "(use --threads below the usable cores)", file=sys.stderr)
+            return 2
+        neighbour = NeighbourLoad(cores[threads:], args.model, args.dtype)
     plan = QUICK_PLAN if args.quick else STANDARD_PLAN
     engine = LLMEngine(plan.engine_config(ModelConfig(path=args.model, dtype=args.dtype, num_threads=threads)))
     try:
-        dtype = str(engine.model.dtype).removeprefix("torch.")
-        layout = engine.kv_pool.layout
-        print(f"calibrating {engine.model_name} ({dtype}) at {threads} thread(s) on core(s) "
-              f"{','.join(map(str, cores[:threads]))}, budget {plan.time_budget_s:.0f} s", file=sys.stderr)
-        samples = measure_samples(engine, plan)
-        coefficients, fit = fit_linear(samples)
-        roofline = None
-        if not args.skip_roofline:
-            from pdserve.bench.machine_peaks import measure_peaks
-
-            peaks = measure_peaks(threads)
-            roofline = fit_roofline(samples, model_spec_of(engine), dtype, peaks.flops_per_second,
-                                    peaks.bytes_per_second)
-        profile = StepProfile(
-            model=engine.model_name, dtype=dtype, threads=threads,
-            kv_bytes_per_token=layout.bytes_per_block // layout.block_size,
-            coefficients=coefficients, fit=fit, samples=tuple(samples), machine=machine_info(threads),
-            created=datetime.now(UTC).isoformat(timespec="seconds"), roofline=roofline,
-        )
+        with neighbour or contextlib.nullcontext():
+            profile = _calibrated_profile(engine, plan, threads, cores, args.skip_roofline, neighbour)
     finally:
         engine.close()
     out = args.out or PROFILE_DIR / f"{_file_stem(profile.model)}-{threads}t.json"
@@ -85,6 +79,37 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(profile_summary(profile))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _calibrated_profile(engine: LLMEngine, plan: CalibrationPlan, threads: int, cores: list[int],
+                        skip_roofline: bool, neighbour: NeighbourLoad | None) -> StepProfile:
+    from pdserve.bench.engine import machine_info
+    from pdserve.planner.calibrate import fit_roofline, measure_samples, model_spec_of
+    from pdserve.planner.step_profile import StepProfile, fit_linear
+
+    dtype = str(engine.model.dtype).removeprefix("torch.")
+    layout = engine.kv_pool.layout
+    beside = f", beside {neighbour.describe()}" if neighbour else ""
+    print(f"calibrating {engine.model_name} ({dtype}) at {threads} thread(s) on core(s) "
+          f"{','.join(map(str, cores[:threads]))}{beside}, budget {plan.time_budget_s:.0f} s", file=sys.stderr)
+    samples = measure_samples(engine, plan)
+    coefficients, fit = fit_linear(samples)
+    roofline = None
+    if not skip_roofline:
+        from pdserve.bench.machine_peaks import measure_peaks
+
+        peaks = measure_peaks(threads)
+        roofline = fit_roofline(samples, model_spec_of(engine), dtype, peaks.flops_per_second,
+                                peaks.bytes_per_second)
+    machine = machine_info(threads)
+    if neighbour is not None:
+        machine["neighbour_load"] = neighbour.describe()
+    return StepProfile(
+        model=engine.model_name, dtype=dtype, threads=threads,
+        kv_bytes_per_token=layout.bytes_per_block // layout.block_size,
+        coefficients=coefficients, fit=fit, samples=tuple(samples), machine=machine,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), roofline=roofline,
+    )
 
 
 def profile_summary(profile: StepProfile) -> str:

@@ -2,8 +2,10 @@
 
 A step profile (`step_profile.py`) times ``engine.step()`` alone on an idle machine. A served
 worker also runs its HTTP loop, streaming and detokenization, and on this 2-core machine it
-shares its cores with the router and the load generator. A two-thread worker suffers most: an
-OpenMP parallel region waits for its slowest thread. `pdserve bench compare` measures the first
+shares its cores with the router and the load generator. (Until 2026-11-30 a two-thread worker
+also stepped its engine on another thread than the one that loaded it, and ran 1.2-2.4x slower
+than its profile: runtime/engine_loop.py. Since that fix the factors measured here are
+0.85-1.2.) `pdserve bench compare` measures the first
 target unloaded before any load (the median prompt's TTFT, one request's TPOT: the SLO
 calibration, `bench/load/slo.py`). Dividing those by what the profile predicts for the same
 request gives one factor for prefill and one for decode. :class:`PhaseScaledCost` then scales
