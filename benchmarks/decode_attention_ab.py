@@ -57,7 +57,7 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
         engines = {name: _engine(checkpoint, name, batch, args.context, args.steps, args.threads)
                    for name in ("torch", "native")}
-        assert engines["native"].model.native_decode is not None, "the native kernel did not load"
+        assert engines["native"].model.native is not None, "the native kernel did not load"
         times: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(3):  # warm-up
             for engine in engines.values():

@@ -1,5 +1,6 @@
-"""The native decode attention kernel (native_attention.py) against the torch path on the same
-paged cache, its input checks, and the engine generating the same tokens with either."""
+"""The native attention kernels (native_attention.py) against the torch path: decode attention on
+the same paged cache, the rotary embedding and cache write on the same projections; their input
+checks; and the engine generating the same tokens with either path."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ import pytest
 import torch
 from fixtures_model import make_float32_llm
 
-from pdserve.engine.attention import AttentionMetadata, paged_attention
+from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.loader import Checkpoint
-from pdserve.engine.native_attention import PagedDecodeAttention, load_paged_decode_attention
+from pdserve.engine.native_attention import NativeAttention, load_native_attention
 from pdserve.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def kernel() -> PagedDecodeAttention:
-    loaded = load_paged_decode_attention()
-    assert loaded is not None, "the kernel must build here (gcc and ninja are installed by bootstrap)"
+def native() -> NativeAttention:
+    loaded = load_native_attention()
+    assert loaded is not None, "the kernels must build here (gcc and ninja are installed by bootstrap)"
     return loaded
 
 
@@ -53,17 +54,26 @@ def _torch_path(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 128), (6, 2, 32)])
-def test_the_kernel_matches_the_torch_path(kernel: PagedDecodeAttention, dtype: torch.dtype, heads: int,
+def test_the_kernel_matches_the_torch_path(native: NativeAttention, dtype: torch.dtype, heads: int,
                                            kv_heads: int, head_dim: int) -> None:
     # One position, a partial block, exactly one block, one past it, and a long context.
     lengths = [1, 5, 16, 17, 300]
     q, k_cache, v_cache, tables, context = _paged_case(dtype, lengths, heads, kv_heads, head_dim)
-    out = kernel(q, k_cache, v_cache, tables, context, head_dim**-0.5)
+    out = native.paged_decode_attention(q, k_cache, v_cache, tables, context, head_dim**-0.5)
     assert out.dtype == torch.float32 and out.shape == (len(lengths), heads, head_dim)
-    torch.testing.assert_close(out, _torch_path(q, k_cache, v_cache, tables, context), rtol=1e-5, atol=1e-5)
+    expected = _torch_path(q, k_cache, v_cache, tables, context)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # Into the caller's tensor in the cache's dtype, from queries strided as a QKV projection's rows.
+    rows = torch.zeros(len(lengths), heads + 2 * kv_heads, head_dim, dtype=dtype)
+    rows[:, :heads] = q
+    into = torch.full((len(lengths), heads, head_dim), float("nan"), dtype=dtype)
+    native.paged_decode_attention_into(rows[:, :heads], k_cache, v_cache, tables, context, head_dim**-0.5, into)
+    # The same sums, rounded once into the cache's dtype.
+    torch.testing.assert_close(into, out.to(dtype), rtol=0, atol=0)
 
 
-def test_the_kernel_refuses_what_it_cannot_read(kernel: PagedDecodeAttention) -> None:
+def test_the_kernel_refuses_what_it_cannot_read(native: NativeAttention) -> None:
+    kernel = native.paged_decode_attention
     q, k_cache, v_cache, tables, context = _paged_case(torch.float32, [20, 8], 9, 3, 64)
     scale = 64**-0.5
     outside = tables.clone()
@@ -80,6 +90,60 @@ def test_the_kernel_refuses_what_it_cannot_read(kernel: PagedDecodeAttention) ->
         kernel(q[:, :8], k_cache, v_cache, tables, context, scale)  # 8 query heads over 3 KV heads
 
 
+def _rope_case(dtype: torch.dtype, tokens: int, heads: int, kv_heads: int, head_dim: int, num_slots: int,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A QKV projection's output, the cos/sin rows of scattered positions, and distinct slots."""
+    generator = torch.Generator().manual_seed(1)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator).to(dtype)
+    inverse = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    positions = torch.randint(0, 4096, (tokens,), generator=generator)
+    freqs = positions[:, None].float() * inverse[None, :]
+    angles = torch.cat([freqs, freqs], dim=-1)
+    slots = torch.randperm(num_slots, generator=generator)[:tokens]
+    return qkv, angles.cos(), angles.sin(), slots
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_rope_write_kv_matches_the_torch_path(native: NativeAttention, dtype: torch.dtype, tokens: int) -> None:
+    heads, kv_heads, head_dim, blocks, block_size = 9, 3, 64, 8, 16
+    qkv, cos, sin, slots = _rope_case(dtype, tokens, heads, kv_heads, head_dim, blocks * block_size)
+    # The torch path (model.py) in float32: rotate half, then index_copy into the cache.
+    wide = qkv.float().view(tokens, heads + 2 * kv_heads, head_dim)
+    half = head_dim // 2
+    qk = wide[:, : heads + kv_heads]
+    rotated = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)
+    expected_qk = qk * cos[:, None] + rotated * sin[:, None]
+    expected_k_cache = torch.zeros(blocks, block_size, kv_heads, head_dim)
+    expected_v_cache = torch.zeros(blocks, block_size, kv_heads, head_dim)
+    write_kv(expected_k_cache, expected_v_cache, expected_qk[:, heads:], wide[:, heads + kv_heads :], slots)
+
+    k_cache = torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    values = qkv[:, (heads + kv_heads) * head_dim :].clone()
+    native.rope_write_kv(qkv, cos, sin, slots, k_cache, v_cache, heads)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    got = qkv.view(tokens, heads + 2 * kv_heads, head_dim)
+    torch.testing.assert_close(got[:, : heads + kv_heads].float(), expected_qk, **tolerance)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], values), "values are not rotated"
+    torch.testing.assert_close(k_cache.float(), expected_k_cache, **tolerance)
+    torch.testing.assert_close(v_cache.float(), expected_v_cache, rtol=0, atol=0)
+
+
+def test_rope_write_kv_refuses_what_it_cannot_write(native: NativeAttention) -> None:
+    qkv, cos, sin, slots = _rope_case(torch.float32, 4, 9, 3, 64, 32)
+    k_cache = torch.zeros(2, 16, 3, 64)
+    v_cache = torch.zeros_like(k_cache)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        native.rope_write_kv(qkv, cos, sin, torch.tensor([0, 1, 2, 32]), k_cache, v_cache, 9)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        native.rope_write_kv(qkv.bfloat16(), cos, sin, slots, k_cache, v_cache, 9)
+    with pytest.raises(RuntimeError, match="heads"):
+        native.rope_write_kv(qkv, cos, sin, slots, k_cache, v_cache, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        native.rope_write_kv(qkv, cos.double(), sin, slots, k_cache, v_cache, 9)
+
+
 def test_config_refuses_an_unknown_attention() -> None:
     with pytest.raises(ValueError, match="attention must be"):
         ModelConfig(attention="flash")
@@ -93,7 +157,7 @@ def test_the_engine_generates_the_same_tokens_with_either_path(checkpoint: Check
     for attention in ("torch", "native"):
         llm = make_float32_llm(checkpoint, CacheConfig(num_blocks=64), attention=attention)
         try:
-            assert (llm.engine.model.native_decode is not None) == (attention == "native")
+            assert (llm.engine.model.native is not None) == (attention == "native")
             # Together: the three decode in one batch over contexts of different lengths.
             outputs[attention] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         finally:

@@ -236,7 +236,7 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
     engine = LLMEngine(config, checkpoint)
     load_seconds = time.perf_counter() - started
     weight_dtype = str(engine.model.dtype).removeprefix("torch.")
-    decode_attention = "native" if engine.model.native_decode is not None else "torch"
+    decode_attention = "native" if engine.model.native is not None else "torch"
     weight_numel = checkpoint.num_parameters  # the tied embedding once: it is also the LM head
     weight_bytes = decode_weight_bytes(engine.model)
     del checkpoint

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.native_attention import PagedDecodeAttention
+from pdserve.engine.native_attention import NativeAttention
 
 
 @dataclass
@@ -68,7 +68,7 @@ def paged_attention(
     meta: AttentionMetadata,
     compute_dtype: torch.dtype,
     decode_dtype: torch.dtype | None = None,
-    native_decode: PagedDecodeAttention | None = None,
+    native: NativeAttention | None = None,
 ) -> torch.Tensor:
     """Attention of every query in the batch over its sequence's cached context.
 
@@ -76,8 +76,8 @@ def paged_attention(
     ``compute_dtype`` exists because on CPU float32 SDPA is several times faster than bfloat16
     for prefill chunks; ``decode_dtype`` (default: ``compute_dtype``) is the decodes' own, since
     converting every gathered K/V position for them can cost more than the kernel saves.
-    ``native_decode`` (native_attention.py), when given, runs the decodes straight from the
-    cache instead of gathering their contexts for SDPA.
+    ``native`` (native_attention.py), when given, runs the decodes straight from the cache
+    instead of gathering their contexts for SDPA, writing their rows of the result in place.
     """
     decode_dtype = decode_dtype or compute_dtype
     num_tokens, num_heads, head_dim = q.shape
@@ -99,11 +99,13 @@ def paged_attention(
 
 
     num_decode = meta.num_decode_tokens
-    if num_decode and native_decode is not None and meta.decode_context_lens is not None:
+    if num_decode and native is not None and meta.decode_context_lens is not None:
         assert meta.decode_blocks is not None
-        attended = native_decode(q[:num_decode], k_cache, v_cache, meta.decode_blocks, meta.decode_context_lens,
-                                 head_dim**-0.5)
-        out[:num_decode] = attended.to(q.dtype)
+        args = (q[:num_decode], k_cache, v_cache, meta.decode_blocks, meta.decode_context_lens, head_dim**-0.5)
+        if out.dtype in (torch.float32, k_cache.dtype):
+            native.paged_decode_attention_into(*args, out[:num_decode])
+        else:  # a cache in another dtype than the model's
+            out[:num_decode] = native.paged_decode_attention(*args).to(out.dtype)
     elif num_decode:
         assert meta.decode_blocks is not None and meta.decode_mask is not None
         # All query heads of one KV head attend to the same keys: fold them into the query axis

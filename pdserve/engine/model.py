@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.device import cpu_has_fast_bf16
-from pdserve.engine.native_attention import PagedDecodeAttention, load_paged_decode_attention
+from pdserve.engine.native_attention import NativeAttention, load_native_attention
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
 
@@ -56,10 +56,10 @@ def rope_inverse_frequencies(arch: LlamaArchitecture) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
 
-def _native_decode(attention: str, device: torch.device, fast_bf16: bool) -> PagedDecodeAttention | None:
-    """The native decode kernel (native_attention.py) where ``attention`` asks for it.
+def _native_attention(attention: str, device: torch.device, fast_bf16: bool) -> NativeAttention | None:
+    """The native attention kernels (native_attention.py) where ``attention`` asks for them.
 
-    ``auto`` takes it for bf16 models on bf16 CPUs, the default fast path, where it made decode
+    ``auto`` takes them for bf16 models on bf16 CPUs, the default fast path, where they made decode
     steps faster (benchmarks/results/engine.json); float32, the reference that the parity tests
     hold to Hugging Face, keeps the torch path unless ``native`` is asked for.
     """
@@ -69,11 +69,11 @@ def _native_decode(attention: str, device: torch.device, fast_bf16: bool) -> Pag
         if attention == "native":
             raise ValueError(f"attention='native' is a CPU kernel; the model is on {device}")
         return None
-    kernel = load_paged_decode_attention()
-    if kernel is None and attention == "native":
-        raise RuntimeError("attention='native': the kernel could not be built here (see the warning above); "
+    kernels = load_native_attention()
+    if kernels is None and attention == "native":
+        raise RuntimeError("attention='native': the kernels could not be built here (see the warning above); "
                            "use attention='torch'")
-    return kernel
+    return kernels
 
 
 @dataclass
@@ -111,7 +111,7 @@ class LlamaModel:
         # faster at batch 1 / 8 / 32, 512-token contexts, 2-core Xeon with AVX512-BF16).
         fast_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16()
         self.decode_attention_dtype = torch.bfloat16 if fast_bf16 else self.attention_dtype
-        self.native_decode = _native_decode(attention, device, fast_bf16)
+        self.native = _native_attention(attention, device, fast_bf16)
 
         def take(name: str) -> torch.Tensor:
             try:
@@ -205,24 +205,36 @@ class LlamaModel:
         arch = self.arch
         num_heads, num_kv_heads, head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        cos = self._cos[positions].to(self.dtype).unsqueeze(1)
-        sin = self._sin[positions].to(self.dtype).unsqueeze(1)
+        native = self.native
+        # The native kernel rotates and stores in one call when the cache has the model's dtype;
+        # it reads float32 [T, D] tables, the torch path the model's dtype broadcast over heads.
+        fused_rope = native is not None and bool(kv_layers) and kv_layers[0][0].dtype == self.dtype
+        cos, sin = self._cos[positions], self._sin[positions]
+        if not fused_rope:
+            cos, sin = cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
 
         hidden = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = self._rms_norm(hidden, layer.input_norm)
             qkv = self._linear(x, layer.qkv)
-            # Rotate queries and keys in one go: [T, num_heads + num_kv_heads, D].
-            qk = self._rope(qkv[:, : q_size + kv_size].view(-1, num_heads + num_kv_heads, head_dim), cos, sin)
-            q, k = qk[:, :num_heads], qk[:, num_heads:]
-            v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
             k_cache, v_cache = kv_layers[index]
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
+            if fused_rope:
+                assert native is not None
+                # Rotated in place and stored in one call; q and k stay views of qkv.
+                native.rope_write_kv(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, num_heads)
+                q = qkv[:, :q_size].view(-1, num_heads, head_dim)
+                k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
+            else:
+                # Rotate queries and keys in one go: [T, num_heads + num_kv_heads, D].
+                qk = self._rope(qkv[:, : q_size + kv_size].view(-1, num_heads + num_kv_heads, head_dim), cos, sin)
+                q, k = qk[:, :num_heads], qk[:, num_heads:]
+                write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
             if layer_callback is not None:
                 layer_callback(index, k, v)
             attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype, self.decode_attention_dtype,
-                                       self.native_decode)
+                                       native)
             hidden = self._linear(attended.reshape(-1, q_size), layer.o, residual)
 
             residual = hidden

@@ -1,17 +1,24 @@
-"""The native decode attention kernel (CPU): built from ``native/paged_decode_attention.cpp`` on
-first use, cached, and registered as ``torch.ops.pdserve.paged_decode_attention``.
+"""Native attention kernels (CPU), built from ``native/*.cpp`` on first use, cached, and
+registered as ``torch.ops.pdserve.*``:
 
-Why a kernel of our own: decode attention in plain torch first gathers every sequence's context
+- ``paged_decode_attention`` (and ``_into``, writing into the caller's tensor): one query token
+  per sequence attending over its context straight from the paged cache;
+- ``rope_write_kv``: the rotary embedding of a layer's new queries and keys, in place in the QKV
+  projection's output, and the new keys and values stored into their cache slots.
+
+Why kernels of our own: decode attention in plain torch first gathers every sequence's context
 out of the paged cache into a contiguous copy (``index_select``), then runs SDPA on it. At batch 8
 on one core that is about a quarter of a decode step (the gather 12%, SDPA 15%, measured with
 ``benchmarks/profile_decode.py``). The kernel reads the blocks in place through the block table.
+The rotation and the cache write are about eight small torch ops a layer, each costing more in
+dispatch than in arithmetic at decode batch sizes; the kernel is one call.
 
-It is compiled for the CPU it runs on (``-march=native``) into
-``<pdserve cache>/native/<key>/``, the key covering the source, the flags, torch's version and the
+They are compiled for the CPU they run on (``-march=native``) into
+``<pdserve cache>/native/<key>/``, the key covering the sources, the flags, torch's version and the
 CPU's feature flags, so a cache shared between machines never hands one the other's binary. The
 first build takes 15-30 s; ``python -m pdserve.engine.native_attention`` builds ahead of time
 (``scripts/bootstrap`` does). Building needs a C++ compiler and ninja; without them, or on a
-failed build, :func:`load_paged_decode_attention` returns None and the engine keeps the torch path.
+failed build, :func:`load_native_attention` returns None and the engine keeps the torch path.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,22 +39,37 @@ from pdserve import envs
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "native" / "paged_decode_attention.cpp"
+SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("paged_decode_attention.cpp", "rope_write_kv.cpp"))
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
-EXTENSION_NAME = "pdserve_paged_decode_attention"
+EXTENSION_NAME = "pdserve_native_attention"
 
-PagedDecodeAttention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
-]
-"""(q [seqs, heads, D], k_cache, v_cache [blocks, block_size, kv_heads, D], block_tables
-[seqs, max_blocks] int64, context_lens [seqs] int64, scale) -> [seqs, heads, D] float32."""
+
+@dataclass(frozen=True)
+class NativeAttention:
+    """The registered ops (argument layouts in the sources' comments)."""
+
+    paged_decode_attention: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+    ]
+    """(q [seqs, heads, D], k_cache, v_cache [blocks, block_size, kv_heads, D], block_tables
+    [seqs, max_blocks] int64, context_lens [seqs] int64, scale) -> [seqs, heads, D] float32."""
+    paged_decode_attention_into: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], None
+    ]
+    """The same into ``out`` ([seqs, heads, D] contiguous, float32 or the cache's dtype)."""
+    rope_write_kv: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], None
+    ]
+    """(qkv [T, (heads + 2 kv_heads) D] rotated in place, cos, sin [T, D] float32, slots [T] int64,
+    k_cache, v_cache, num_heads)."""
 
 
 def build_directory(cache_root: Path) -> Path:
     """Where this source, built with these flags for this torch and this CPU, lives."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(CFLAGS + LDFLAGS).encode())
     key.update(f"{torch.__version__} {sys.version_info[:2]} {platform.machine()}".encode())
     key.update(_cpu_flags().encode())
@@ -54,8 +77,8 @@ def build_directory(cache_root: Path) -> Path:
 
 
 @functools.cache  # the op registry it fills is process-wide; build and register once per process
-def load_paged_decode_attention() -> PagedDecodeAttention | None:
-    """The kernel, built if needed; None (and a warning, once) when it cannot be built here."""
+def load_native_attention() -> NativeAttention | None:
+    """The kernels, built if needed; None (and a warning, once) when they cannot be built here."""
     if platform.system() != "Linux":
         return None
     directory = build_directory(envs.cache_dir())
@@ -66,18 +89,18 @@ def load_paged_decode_attention() -> PagedDecodeAttention | None:
         fresh = not any(directory.glob("*.so"))
         started = time.monotonic()
         if fresh:
-            print("pdserve: building the native decode attention kernel (once per machine, ~20 s)",
+            print("pdserve: building the native attention kernels (once per machine, ~30 s)",
                   file=sys.stderr, flush=True)
-        load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+        load(name=EXTENSION_NAME, sources=[str(source) for source in SOURCES], extra_cflags=list(CFLAGS),
              extra_ldflags=list(LDFLAGS), build_directory=str(directory), is_python_module=False,
              verbose=False)
         if fresh:
             print(f"pdserve: built in {time.monotonic() - started:.0f} s ({directory})", file=sys.stderr, flush=True)
     except Exception as error:  # no compiler, no ninja, a failed build: the torch path still works
-        log.warning("native decode attention unavailable, using the torch path: %s", error)
+        log.warning("native attention kernels unavailable, using the torch path: %s", error)
         return None
-    op: PagedDecodeAttention = torch.ops.pdserve.paged_decode_attention
-    return op
+    ops = torch.ops.pdserve
+    return NativeAttention(ops.paged_decode_attention, ops.paged_decode_attention_into, ops.rope_write_kv)
 
 
 def _cpu_flags() -> str:
@@ -91,13 +114,13 @@ def _cpu_flags() -> str:
 
 
 def main() -> int:
-    """Build the kernel now (bootstrap), so the first engine start does not wait for it."""
+    """Build the kernels now (bootstrap), so the first engine start does not wait for them."""
     logging.basicConfig(level=logging.WARNING)
-    if load_paged_decode_attention() is None:
-        print("pdserve: the native decode attention kernel could not be built; the engine will use "
+    if load_native_attention() is None:
+        print("pdserve: the native attention kernels could not be built; the engine will use "
               "the torch path", file=sys.stderr)
         return 1
-    print(f"pdserve: native decode attention ready ({build_directory(envs.cache_dir())})", file=sys.stderr)
+    print(f"pdserve: native attention kernels ready ({build_directory(envs.cache_dir())})", file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,10 @@
 // and value read (GQA). Scores, softmax and sums are float32; the cache is float32 or bfloat16,
 // widened on the fly (a bfloat16 is the top half of a float32).
 //
+// Queries are read where they lie (a token's heads contiguous, tokens any stride apart: the fused
+// QKV projection's rows) and the result is written in float32 or in the cache's dtype, into a
+// fresh tensor or into the caller's (the ``_into`` variant), so a decode step copies neither.
+//
 // Built with -O3 -ffast-math -fopenmp: the loops over the head dimension and over positions
 // vectorize (reductions reassociated, exp through the vector math library). The head dimension
 // is a template parameter for the common sizes, so those loops have fixed trip counts.
@@ -24,6 +28,9 @@
 namespace {
 
 inline float widen(float value) { return value; }
+
+template <typename T>
+inline T narrow(float value) { return static_cast<T>(value); }  // bfloat16: round to nearest even
 
 inline float widen(c10::BFloat16 value) {
   const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
@@ -62,10 +69,12 @@ inline void for_each_position(const cache_t* cache, const int64_t* table, int64_
   }
 }
 
-// kHeadDim > 0: a compile-time head dimension; 0: use head_dim.
-template <int kHeadDim, typename cache_t>
-void attend(const float* q, const cache_t* k_cache, const cache_t* v_cache, const int64_t* block_tables,
-            const int64_t* context_lens, float* out, const Geometry& geo, int64_t runtime_head_dim) {
+// kHeadDim > 0: a compile-time head dimension; 0: use head_dim. q: token t's heads start at
+// q + t * q_stride; out: [num_seqs, num_heads, head_dim] contiguous.
+template <int kHeadDim, typename cache_t, typename out_t>
+void attend(const cache_t* q, int64_t q_stride, const cache_t* k_cache, const cache_t* v_cache,
+            const int64_t* block_tables, const int64_t* context_lens, out_t* out, const Geometry& geo,
+            int64_t runtime_head_dim) {
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
   const int64_t group = geo.num_heads / geo.num_kv_heads;
   // The cache is [num_blocks, block_size, num_kv_heads, head_dim].
@@ -76,12 +85,16 @@ void attend(const float* q, const cache_t* k_cache, const cache_t* v_cache, cons
     std::vector<float> acc(group * head_dim);
     std::vector<float> row(head_dim);
     std::vector<float> inverse_sums(group);
+    std::vector<float> query_rows(group * head_dim);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t seq = task / geo.num_kv_heads;
       const int64_t kv_head = task % geo.num_kv_heads;
       const int64_t length = context_lens[seq];
       const int64_t* table = block_tables + seq * geo.max_blocks;
-      const float* queries = q + (seq * geo.num_heads + kv_head * group) * head_dim;
+      // The group's queries, widened once: every position reads them all.
+      const cache_t* group_queries = q + seq * q_stride + kv_head * group * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) query_rows[i] = widen(group_queries[i]);
+      const float* queries = query_rows.data();
       scores.resize(group * length);
 
       // Scores.
@@ -127,30 +140,32 @@ void attend(const float* q, const cache_t* k_cache, const cache_t* v_cache, cons
                           }
                         });
       for (int64_t g = 0; g < group; ++g) {
-        float* o = out + (seq * geo.num_heads + kv_head * group + g) * head_dim;
+        out_t* o = out + (seq * geo.num_heads + kv_head * group + g) * head_dim;
         const float* a = acc.data() + g * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) o[d] = a[d] * inverse_sums[g];
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = narrow<out_t>(a[d] * inverse_sums[g]);
       }
     }
   });
 }
 
-template <typename cache_t>
-void dispatch_head_dim(const float* q, const cache_t* k, const cache_t* v, const int64_t* tables,
-                       const int64_t* lengths, float* out, const Geometry& geo, int64_t head_dim) {
+template <typename cache_t, typename out_t>
+void dispatch_head_dim(const cache_t* q, int64_t q_stride, const cache_t* k, const cache_t* v, const int64_t* tables,
+                       const int64_t* lengths, out_t* out, const Geometry& geo, int64_t head_dim) {
   switch (head_dim) {
-    case 64: return attend<64>(q, k, v, tables, lengths, out, geo, head_dim);
-    case 128: return attend<128>(q, k, v, tables, lengths, out, geo, head_dim);
-    default: return attend<0>(q, k, v, tables, lengths, out, geo, head_dim);
+    case 64: return attend<64>(q, q_stride, k, v, tables, lengths, out, geo, head_dim);
+    case 128: return attend<128>(q, q_stride, k, v, tables, lengths, out, geo, head_dim);
+    default: return attend<0>(q, q_stride, k, v, tables, lengths, out, geo, head_dim);
   }
 }
 
-// q: [num_seqs, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim];
-// block_tables: [num_seqs, max_blocks] int64; context_lens: [num_seqs] int64, each in
-// [1, max_blocks * block_size]. Returns [num_seqs, num_heads, head_dim] float32.
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+// q: [num_seqs, num_heads, head_dim] (heads contiguous; any stride between sequences); caches:
+// [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks] int64;
+// context_lens: [num_seqs] int64, each in [1, max_blocks * block_size]; out: contiguous
+// [num_seqs, num_heads, head_dim], float32 or the cache's dtype.
+void paged_decode_attention_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                 const at::Tensor& out) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() && out.device().is_cpu(),
               "paged_decode_attention runs on the CPU");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "q must be [seqs, heads, head_dim] and the caches [blocks, block_size, kv_heads, head_dim]");
@@ -165,7 +180,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == num_seqs && context_lens.dim() == 1 &&
                   context_lens.size(0) == num_seqs,
               "one block table row and one context length per sequence");
-  const at::Tensor queries = q.to(at::kFloat).contiguous();
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == num_seqs && out.size(1) == num_heads &&
+                  out.size(2) == head_dim,
+              "out must be a contiguous [seqs, heads, head_dim]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == k_cache.scalar_type(),
+              "out must be float32 or the cache's dtype");
+  // Heads contiguous within a token; a query in another dtype than the cache is converted (tests).
+  at::Tensor queries = q.to(k_cache.scalar_type());
+  if (queries.stride(2) != 1 || queries.stride(1) != head_dim) queries = queries.contiguous();
   const at::Tensor tables = block_tables.contiguous();
   const at::Tensor lengths = context_lens.contiguous();
   const int64_t max_blocks = tables.size(1);
@@ -179,26 +201,46 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       TORCH_CHECK(block >= 0 && block < num_blocks, "a block table names a block outside the cache");
     }
   }
-  at::Tensor out = at::empty({num_seqs, num_heads, head_dim}, q.options().dtype(at::kFloat));
   const Geometry geo{num_seqs, num_heads, num_kv_heads, block_size, max_blocks, static_cast<float>(scale)};
+  const int64_t q_stride = queries.stride(0);
   if (k_cache.scalar_type() == at::kBFloat16) {
-    dispatch_head_dim(queries.data_ptr<float>(), k_cache.data_ptr<c10::BFloat16>(),
-                      v_cache.data_ptr<c10::BFloat16>(), tables_data, lengths_data, out.data_ptr<float>(), geo,
-                      head_dim);
+    using bf16 = c10::BFloat16;
+    const bf16* qd = queries.data_ptr<bf16>();
+    const bf16* kd = k_cache.data_ptr<bf16>();
+    const bf16* vd = v_cache.data_ptr<bf16>();
+    if (out.scalar_type() == at::kFloat) {
+      dispatch_head_dim(qd, q_stride, kd, vd, tables_data, lengths_data, out.data_ptr<float>(), geo, head_dim);
+    } else {
+      dispatch_head_dim(qd, q_stride, kd, vd, tables_data, lengths_data, out.data_ptr<bf16>(), geo, head_dim);
+    }
   } else {
     TORCH_CHECK(k_cache.scalar_type() == at::kFloat, "the cache must be float32 or bfloat16");
-    dispatch_head_dim(queries.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables_data,
-                      lengths_data, out.data_ptr<float>(), geo, head_dim);
+    dispatch_head_dim(queries.data_ptr<float>(), q_stride, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                      tables_data, lengths_data, out.data_ptr<float>(), geo, head_dim);
   }
+}
+
+// As paged_decode_attention_into, into a new float32 tensor.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3, "q must be [seqs, heads, head_dim]");
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  paged_decode_attention_into(q, k_cache, v_cache, block_tables, context_lens, scale, out);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(pdserve, m) {
+TORCH_LIBRARY_FRAGMENT(pdserve, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
+  m.def(
+      "paged_decode_attention_into(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_decode_attention_into", &paged_decode_attention_into);
+}
