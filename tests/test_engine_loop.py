@@ -7,6 +7,8 @@ these tests pin the structure that avoids it, with the real model.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 
 import pytest
@@ -79,3 +81,24 @@ def test_the_service_builds_its_engine_on_the_loop_thread(checkpoint: Checkpoint
         assert service.engine is service.loop.engine
     finally:
         service.close()
+
+
+def _open_pipes() -> int:
+    fd_dir = "/proc/self/fd"
+    count = 0
+    for name in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own descriptor)
+            count += os.readlink(os.path.join(fd_dir, name)).startswith("pipe:")
+    return count
+
+
+def test_a_service_whose_engine_cannot_be_built_raises_and_leaves_no_pipe() -> None:
+    """A worker given a bad model file fails with the loader's error, not a hang or a leak."""
+
+    def build() -> LLMEngine:
+        raise FileNotFoundError("no such model file: /nowhere.gguf")
+
+    before = _open_pipes()
+    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+        EngineService(build, TransferConfig())
+    assert _open_pipes() == before

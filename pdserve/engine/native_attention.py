@@ -66,7 +66,7 @@ class NativeAttention:
 
 
 def build_directory(cache_root: Path) -> Path:
-    """Where this source, built with these flags for this torch and this CPU, lives."""
+    """Where these sources, built with these flags for this torch and this CPU, live."""
     key = hashlib.sha256()
     for source in SOURCES:
         key.update(source.read_bytes())

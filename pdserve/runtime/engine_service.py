@@ -78,7 +78,12 @@ class EngineService:
         self._pulls: dict[str, _Pull] = {}
         self._lock = threading.Lock()
         self.loop = EngineLoop(build_engine, self._on_output)
-        self.engine = engine = self.loop.start()
+        try:
+            self.engine = engine = self.loop.start()
+        except BaseException:  # a model that cannot be loaded: leave no descriptor behind
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            raise
         self.transfer = transfer
         try:
             self.connector: KVConnector = connector_class(transfer.backend)(
