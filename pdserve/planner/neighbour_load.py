@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import subprocess
 import sys
 import time
@@ -47,12 +48,17 @@ class NeighbourLoad:
         self._process = process
         deadline = time.monotonic() + self._ready_timeout
         assert process.stdout is not None
-        # The child prints READY once its batch decodes; anything else on stdout is skipped.
-        for line in process.stdout:
+        # The child prints READY once its batch decodes; anything else on stdout is skipped. Wait
+        # with a deadline: a child that hangs before printing must not hang the calibration.
+        while (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([process.stdout], [], [], left)
+            if not readable:
+                break
+            line = process.stdout.readline()
+            if not line:  # the child exited
+                break
             if line.startswith(READY):
                 return self
-            if time.monotonic() > deadline:
-                break
         self._stop()
         raise RuntimeError(f"the neighbour load did not start (exit status {process.returncode}): "
                            f"{' '.join(self._command)}")
