@@ -46,11 +46,11 @@ def test_bf16_model_packs_its_projections_and_head(checkpoint: Checkpoint) -> No
     model = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.bfloat16, CPU, max_positions=64)
     layer = model.layers[0]
     assert all(isinstance(w, OneDnnLinear) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    assert model.lm_head_onednn is not None
+    assert model.lm_head.kernel(1) == "onednn"
     # The engine benchmark's bandwidth floor still counts every weight once (the head is tied).
     from pdserve.bench.engine import decode_weight_bytes
 
     assert checkpoint.architecture.tie_word_embeddings
     assert decode_weight_bytes(model) == 2 * sum(w.numel() for w in checkpoint.weights.values())
     fp32 = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.float32, CPU, max_positions=64)
-    assert isinstance(fp32.layers[0].qkv, torch.Tensor) and fp32.lm_head_onednn is None
+    assert isinstance(fp32.layers[0].qkv, torch.Tensor) and fp32.lm_head.kernel(1) == "dense"

@@ -282,6 +282,7 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
 def decode_weight_bytes(model: LlamaModel) -> int:
     """Bytes of weights one decode step reads: all projections and norms, the LM head once
     (with tied embeddings it is the embedding matrix; the lookup itself reads only a few rows)."""
+    from pdserve.engine.hybrid_linear import HybridLinear
     from pdserve.engine.onednn_linear import OneDnnLinear
     from pdserve.engine.quantization import PackedLinear
 
@@ -292,11 +293,11 @@ def decode_weight_bytes(model: LlamaModel) -> int:
             return weight.nbytes
         if isinstance(weight, PackedLinear):
             return _packed_kernel_bytes(weight)
+        if isinstance(weight, HybridLinear):  # a decode batch runs its quantized half
+            return _packed_kernel_bytes(weight.quantized)
         return 0
 
-    # Quantized formats keep a packed LM head for small batches beside the dense one.
-    lm_head = getattr(model, "lm_head_packed", None) or model.lm_head
-    total = read_bytes(lm_head) + read_bytes(model.final_norm)
+    total = model.lm_head.decode_bytes + read_bytes(model.final_norm)
     for layer in model.layers:
         total += sum(read_bytes(weight) for weight in vars(layer).values())
     return total

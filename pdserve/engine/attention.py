@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.native_attention import NativeAttention
+from pdserve.engine.native_kernels import NativeKernels
 
 
 @dataclass
@@ -68,7 +68,7 @@ def paged_attention(
     meta: AttentionMetadata,
     compute_dtype: torch.dtype,
     decode_dtype: torch.dtype | None = None,
-    native: NativeAttention | None = None,
+    native: NativeKernels | None = None,
 ) -> torch.Tensor:
     """Attention of every query in the batch over its sequence's cached context.
 
@@ -76,7 +76,7 @@ def paged_attention(
     ``compute_dtype`` exists because on CPU float32 SDPA is several times faster than bfloat16
     for prefill chunks; ``decode_dtype`` (default: ``compute_dtype``) is the decodes' own, since
     converting every gathered K/V position for them can cost more than the kernel saves.
-    ``native`` (native_attention.py), when given, runs the decodes straight from the cache
+    ``native`` (native_kernels.py), when given, runs the decodes straight from the cache
     instead of gathering their contexts for SDPA, writing their rows of the result in place.
     """
     decode_dtype = decode_dtype or compute_dtype

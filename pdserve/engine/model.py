@@ -17,13 +17,15 @@ import torch.nn.functional as F
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.device import cpu_has_fast_bf16
-from pdserve.engine.native_attention import NativeAttention, load_native_attention
+from pdserve.engine.hybrid_linear import HybridLinear
+from pdserve.engine.lm_head import LmHead
+from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
 
-Projection = torch.Tensor | PackedLinear | OneDnnLinear
-"""A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, or a
-dense bf16 one pre-packed for oneDNN (CPU)."""
+Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear
+"""A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, a dense
+bf16 one pre-packed for oneDNN (CPU), or a quantized one beside such a bf16 copy (CPU)."""
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called after each layer wrote its K/V: (layer index, k [T, kv_heads, D], v [T, kv_heads, D])."""
@@ -56,8 +58,8 @@ def rope_inverse_frequencies(arch: LlamaArchitecture) -> torch.Tensor:
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
 
-def _native_attention(attention: str, device: torch.device, fast_bf16: bool) -> NativeAttention | None:
-    """The native attention kernels (native_attention.py) where ``attention`` asks for them.
+def _native_kernels(attention: str, device: torch.device, fast_bf16: bool) -> NativeKernels | None:
+    """The native layer kernels (native_kernels.py) where ``attention`` asks for them.
 
     ``auto`` takes them for bf16 models on bf16 CPUs, the default fast path, where they made decode
     steps faster (benchmarks/results/engine.json); float32, the reference that the parity tests
@@ -69,7 +71,7 @@ def _native_attention(attention: str, device: torch.device, fast_bf16: bool) -> 
         if attention == "native":
             raise ValueError(f"attention='native' is a CPU kernel; the model is on {device}")
         return None
-    kernels = load_native_attention()
+    kernels = load_native_kernels()
     if kernels is None and attention == "native":
         raise RuntimeError("attention='native': the kernels could not be built here (see the warning above); "
                            "use attention='torch'")
@@ -111,35 +113,39 @@ class LlamaModel:
         # faster at batch 1 / 8 / 32, 512-token contexts, 2-core Xeon with AVX512-BF16).
         fast_bf16 = device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_fast_bf16()
         self.decode_attention_dtype = torch.bfloat16 if fast_bf16 else self.attention_dtype
-        self.native = _native_attention(attention, device, fast_bf16)
+        self.native = _native_kernels(attention, device, fast_bf16)
 
-        def take(name: str) -> torch.Tensor:
+        def stored(name: str) -> torch.Tensor:
             try:
-                tensor = weights[name]
+                return weights[name].to(device=device)
             except KeyError:
                 raise ValueError(f"checkpoint lacks weight {name!r}") from None
-            return tensor.to(device=device, dtype=dtype).contiguous()
 
-        prepack = weight_format == "dense" and onednn_bf16_available(device, dtype)
+        def take(name: str) -> torch.Tensor:
+            return stored(name).to(dtype=dtype).contiguous()
 
-        def project(weight: torch.Tensor) -> Projection:
-            # Quantized kernels win where decoding is bound by reading weights; batches above
-            # dense_above rows (prefill) run dense on weights dequantized for that call.
+        prepack = onednn_bf16_available(device, dtype)
+
+        def project(*names: str) -> Projection:
+            """The named weights fused along the output dim ([out, in] each), ready to multiply."""
+            weight = torch.cat([stored(name) for name in names])
             if weight_format == "dense":
+                weight = weight.to(dtype=dtype).contiguous()
                 return OneDnnLinear(weight) if prepack else weight
+            # Quantized kernels win where decoding is bound by reading weights; batches above
+            # dense_above rows (prefill) run dense: on a packed bf16 copy where oneDNN has bf16
+            # kernels, else on weights dequantized to float32 for that call. Quantizing from
+            # the checkpoint's own precision, not the model dtype's rounding of it, gives a
+            # Q4_1 matrix back exactly (quantization.py).
+            if prepack:
+                return HybridLinear(weight, weight_format, dense_weight=weight.to(dtype=dtype))
             return PackedLinear(weight, weight_format, dense_above=DEFAULT_DENSE_ABOVE[weight_format])
 
         self.weight_format = weight_format
         self.embed_tokens = take("model.embed_tokens.weight")
-        # The dense LM head is kept even with quantized weights (free when tied to the
-        # embedding): dequantizing 49152x576 on the fly costs ~100 ms, more than a whole step.
-        self.lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
-        # The head is int8 even for int4 layers: it is the Q8_0 embedding, to which int4 groups
-        # add 9% error against int8's 1.2% (measured, see quantization.py).
-        self.lm_head_packed = None if weight_format == "dense" else PackedLinear(self.lm_head, "int8")
-        # A packed copy of the (tied) head costs its size again in memory and halves the
-        # head's share of a decode step (2.5 -> 1.3 ms at one row, 2 threads).
-        self.lm_head_onednn = OneDnnLinear(self.lm_head) if prepack else None
+        # With tied embeddings the head is the embedding matrix itself, shared.
+        lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
+        self.lm_head = LmHead(lm_head, quantized=weight_format != "dense", native=self.native, onednn=prepack)
         self.final_norm = take("model.norm.weight")
         self.layers: list[DecoderLayer] = []
         for index in range(arch.num_layers):
@@ -147,15 +153,11 @@ class LlamaModel:
             self.layers.append(
                 DecoderLayer(
                     input_norm=take(prefix + "input_layernorm.weight"),
-                    qkv=project(
-                        torch.cat([take(prefix + f"self_attn.{p}_proj.weight") for p in ("q", "k", "v")])
-                    ),
-                    o=project(take(prefix + "self_attn.o_proj.weight")),
+                    qkv=project(*(prefix + f"self_attn.{p}_proj.weight" for p in ("q", "k", "v"))),
+                    o=project(prefix + "self_attn.o_proj.weight"),
                     post_norm=take(prefix + "post_attention_layernorm.weight"),
-                    gate_up=project(
-                        torch.cat([take(prefix + f"mlp.{p}_proj.weight") for p in ("gate", "up")])
-                    ),
-                    down=project(take(prefix + "mlp.down_proj.weight")),
+                    gate_up=project(*(prefix + f"mlp.{p}_proj.weight" for p in ("gate", "up"))),
+                    down=project(prefix + "mlp.down_proj.weight"),
                 )
             )
         positions = torch.arange(max_positions, dtype=torch.float32)
@@ -166,16 +168,25 @@ class LlamaModel:
         self.max_positions = max_positions
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.native.rms_norm(x, weight, self.arch.rms_norm_eps)
         # One fused op; bit-identical to HF's float32 formula (checked), and half the cost.
         return F.rms_norm(x, (x.shape[-1],), weight, self.arch.rms_norm_eps)
+
+    def _silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2 I] (gate, up) -> silu(gate) * up [T, I]."""
+        if self.native is not None:
+            return self.native.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     @staticmethod
     def _linear(x: torch.Tensor, weight: Projection, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T (+ residual). x: [T, in]."""
-        if isinstance(weight, OneDnnLinear):
+        if isinstance(weight, OneDnnLinear | HybridLinear):
             return weight(x, residual)
         if isinstance(weight, PackedLinear):
-            y = weight(x).to(x.dtype)
+            y = weight.matmul(x).to(x.dtype)
             return y if residual is None else residual + y
         if residual is None:
             return F.linear(x, weight)
@@ -239,13 +250,8 @@ class LlamaModel:
 
             residual = hidden
             x = self._rms_norm(hidden, layer.post_norm)
-            gate, up = self._linear(x, layer.gate_up).chunk(2, dim=-1)
-            hidden = self._linear(F.silu(gate) * up, layer.down, residual)
+            activated = self._silu_and_mul(self._linear(x, layer.gate_up))
+            hidden = self._linear(activated, layer.down, residual)
 
         last = self._rms_norm(hidden[logits_indices], self.final_norm)
-        packed = self.lm_head_packed
-        if packed is not None and last.shape[0] <= DEFAULT_DENSE_ABOVE["int8"]:
-            return packed(last)
-        if self.lm_head_onednn is not None:
-            return self.lm_head_onednn(last).float()
-        return F.linear(last, self.lm_head).float()
+        return self.lm_head(last)

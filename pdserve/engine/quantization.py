@@ -220,27 +220,29 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] float -> [T, out] float32."""
+        return self.matmul(x).float()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, in] float -> [T, out] in the kernel's output dtype (bf16 for the quantized
+        kernels, the weight's for dense, float32 above ``dense_above``): no conversion a caller
+        in bf16 would undo."""
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"expected input [T, {self.in_features}], got {tuple(x.shape)}")
         if self.weight_format == "dense":
             weight = self._tensors["weight"]
-            return F.linear(x.to(weight.dtype), weight).float()
+            return F.linear(x.to(weight.dtype), weight)
         if self.dense_above is not None and x.shape[0] > self.dense_above:
             return F.linear(x.float(), self.dequantize())
         # x_bf16: [T, in]; both kernels return [T, out] bf16.
         x_bf16 = x.to(torch.bfloat16).contiguous()
         if self.weight_format == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(
-                x_bf16, self._tensors["weight"], self._tensors["scales"]
-            )
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x_bf16,
-                self._tensors["weight"],
-                self.group_size,
-                self._tensors["scales_and_zeros"],
-            )
-        return y.float()
+            return torch.ops.aten._weight_int8pack_mm(x_bf16, self._tensors["weight"], self._tensors["scales"])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x_bf16,
+            self._tensors["weight"],
+            self.group_size,
+            self._tensors["scales_and_zeros"],
+        )
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the quantized kernel multiplies by (dense: a float copy).

@@ -1,4 +1,4 @@
-// Decode attention read straight from the paged KV cache (CPU), for native_attention.py.
+// Decode attention read straight from the paged KV cache (CPU), for native_kernels.py.
 //
 // One query token per sequence attends over its cached context, block by block through its
 // block table: no gathered copy of the context, one pass over the keys and one over the values.
@@ -25,19 +25,12 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
-inline float widen(float value) { return value; }
-
-template <typename T>
-inline T narrow(float value) { return static_cast<T>(value); }  // bfloat16: round to nearest even
-
-inline float widen(c10::BFloat16 value) {
-  const uint32_t bits = static_cast<uint32_t>(value.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+using pdserve_native::narrow;
+using pdserve_native::widen;
 
 struct Geometry {
   int64_t num_seqs, num_heads, num_kv_heads, block_size, max_blocks;

@@ -2,7 +2,7 @@
 // projection's output, and the new keys and values stored into their paged-cache slots: one
 // call per layer for what eager torch does in about eight (a concatenation, a negation, two
 // products and a sum for the rotation; two index copies for the cache). At decode batch sizes
-// each of those costs more in dispatch than in arithmetic. For native_attention.py.
+// each of those costs more in dispatch than in arithmetic. For native_kernels.py.
 //
 // The rotation is Llama's "rotate half": for i < D/2, with c = cos[t, i], s = sin[t, i],
 //   x'[i] = x[i] * c - x[i + D/2] * s,   x'[i + D/2] = x[i + D/2] * c + x[i] * s
@@ -17,12 +17,12 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
 namespace {
 
-inline float widen(float value) { return value; }
-inline float widen(c10::BFloat16 value) { return static_cast<float>(value); }
-template <typename T>
-inline T narrow(float value) { return static_cast<T>(value); }
+using pdserve_native::narrow;
+using pdserve_native::widen;
 
 template <typename scalar_t>
 void rotate_and_store(scalar_t* qkv, const float* cos, const float* sin, const int64_t* slots, scalar_t* k_cache,

@@ -1,6 +1,7 @@
-"""The native attention kernels (native_attention.py) against the torch path: decode attention on
-the same paged cache, the rotary embedding and cache write on the same projections; their input
-checks; and the engine generating the same tokens with either path."""
+"""The native layer kernels (native_kernels.py) against the torch path: decode attention on the
+same paged cache, the rotary embedding and cache write on the same projections, the norm and the
+activation against Hugging Face's formulas; their input checks; and the engine generating the
+same tokens with either path."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from fixtures_model import make_float32_llm
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.loader import Checkpoint
-from pdserve.engine.native_attention import NativeAttention, load_native_attention
+from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def native() -> NativeAttention:
-    loaded = load_native_attention()
+def native() -> NativeKernels:
+    loaded = load_native_kernels()
     assert loaded is not None, "the kernels must build here (gcc and ninja are installed by bootstrap)"
     return loaded
 
@@ -54,7 +55,7 @@ def _torch_path(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 128), (6, 2, 32)])
-def test_the_kernel_matches_the_torch_path(native: NativeAttention, dtype: torch.dtype, heads: int,
+def test_the_kernel_matches_the_torch_path(native: NativeKernels, dtype: torch.dtype, heads: int,
                                            kv_heads: int, head_dim: int) -> None:
     # One position, a partial block, exactly one block, one past it, and a long context.
     lengths = [1, 5, 16, 17, 300]
@@ -72,7 +73,7 @@ def test_the_kernel_matches_the_torch_path(native: NativeAttention, dtype: torch
     torch.testing.assert_close(into, out.to(dtype), rtol=0, atol=0)
 
 
-def test_the_kernel_refuses_what_it_cannot_read(native: NativeAttention) -> None:
+def test_the_kernel_refuses_what_it_cannot_read(native: NativeKernels) -> None:
     kernel = native.paged_decode_attention
     q, k_cache, v_cache, tables, context = _paged_case(torch.float32, [20, 8], 9, 3, 64)
     scale = 64**-0.5
@@ -105,7 +106,7 @@ def _rope_case(dtype: torch.dtype, tokens: int, heads: int, kv_heads: int, head_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_rope_write_kv_matches_the_torch_path(native: NativeAttention, dtype: torch.dtype, tokens: int) -> None:
+def test_rope_write_kv_matches_the_torch_path(native: NativeKernels, dtype: torch.dtype, tokens: int) -> None:
     heads, kv_heads, head_dim, blocks, block_size = 9, 3, 64, 8, 16
     qkv, cos, sin, slots = _rope_case(dtype, tokens, heads, kv_heads, head_dim, blocks * block_size)
     # The torch path (model.py) in float32: rotate half, then index_copy into the cache.
@@ -130,7 +131,7 @@ def test_rope_write_kv_matches_the_torch_path(native: NativeAttention, dtype: to
     torch.testing.assert_close(v_cache.float(), expected_v_cache, rtol=0, atol=0)
 
 
-def test_rope_write_kv_refuses_what_it_cannot_write(native: NativeAttention) -> None:
+def test_rope_write_kv_refuses_what_it_cannot_write(native: NativeKernels) -> None:
     qkv, cos, sin, slots = _rope_case(torch.float32, 4, 9, 3, 64, 32)
     k_cache = torch.zeros(2, 16, 3, 64)
     v_cache = torch.zeros_like(k_cache)
@@ -142,6 +143,71 @@ def test_rope_write_kv_refuses_what_it_cannot_write(native: NativeAttention) -> 
         native.rope_write_kv(qkv, cos, sin, slots, k_cache, v_cache, 8)
     with pytest.raises(RuntimeError, match="float32"):
         native.rope_write_kv(qkv, cos.double(), sin, slots, k_cache, v_cache, 9)
+
+
+def _hf_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: float32 statistics, rounded to x's dtype before the weight."""
+    wide = x.float()
+    normalized = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalized.to(x.dtype)
+
+
+def _ulps_apart(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """How many representable values lie between two bf16 tensors (same signs assumed)."""
+    return (got.view(torch.int16).int() - expected.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 130])
+def test_rms_norm_matches_hugging_face(native: NativeKernels, dtype: torch.dtype, rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    # Rows a stride apart, as the fused QKV output's or a gathered batch's are.
+    wide = (torch.randn(rows, 700, generator=generator) * 3).to(dtype)
+    x = wide[:, :576]
+    weight = (torch.rand(576, generator=generator) + 0.5).to(dtype)
+    got = native.rms_norm(x, weight, 1e-5)
+    expected = _hf_rms_norm(x, weight, 1e-5)
+    assert got.shape == expected.shape and got.dtype == dtype and got.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        # Only the float32 sum's order differs: at most one rounding step, and rarely.
+        ulps = _ulps_apart(got, expected)
+        assert int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_silu_and_mul_matches_hugging_face(native: NativeKernels, dtype: torch.dtype, rows: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 1536, generator=generator) * 4).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up  # LlamaMLP's act_fn(gate) * up, in x's dtype
+    got = native.silu_and_mul(gate_up)
+    assert got.shape == (rows, 1536) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    else:
+        # The vectorized exp may differ from torch's in the last float32 bits, so silu(gate) may
+        # round one step the other way, which the product can widen to two; rarely.
+        ulps = _ulps_apart(got, expected)
+        assert int(ulps.max()) <= 2 and float((ulps > 0).float().mean()) < 0.01
+
+
+def test_rms_norm_and_silu_and_mul_refuse_what_they_cannot_read(native: NativeKernels) -> None:
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        native.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        native.rms_norm(x, torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        native.rms_norm(x.t(), torch.ones(2), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        native.rms_norm(x.double(), torch.ones(8, dtype=torch.float64), 1e-5)
+    with pytest.raises(RuntimeError, match="2 \\* width"):
+        native.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        native.silu_and_mul(torch.randn(2, 8, dtype=torch.float64))
 
 
 def test_config_refuses_an_unknown_attention() -> None:

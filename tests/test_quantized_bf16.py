@@ -1,0 +1,127 @@
+"""Quantized weights on bf16 CPUs: the native int8 kernel against its dequantized weight, the LM
+head's choice of kernel by batch size, the hybrid layer switching to its packed bf16 copy, and a
+bf16 int4 engine answering like the dense one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures_model import checkpoint  # noqa: F401
+
+from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
+from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
+from pdserve.engine.llm import LLM
+from pdserve.engine.lm_head import NATIVE_INT8_MAX_ROWS, LmHead
+from pdserve.engine.loader import Checkpoint
+from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
+from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
+from pdserve.engine.quantization import PackedLinear, quantize_int8
+from pdserve.engine.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn_bf16_available(CPU, torch.bfloat16), reason="oneDNN has no bf16 kernels for this CPU"
+)
+
+
+@pytest.fixture(scope="module")
+def native() -> NativeKernels:
+    loaded = load_native_kernels()
+    assert loaded is not None, "the kernels must build here (gcc and ninja are installed by bootstrap)"
+    return loaded
+
+
+def _random(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+# 101 outputs leave a partial block of four rows; 72 inputs are not a multiple of 16 (scalar path).
+@pytest.mark.parametrize(("out_features", "in_features"), [(101, 576), (64, 72)])
+def test_int8_linear_matches_its_dequantized_weight(native: NativeKernels, dtype: torch.dtype, rows: int,
+                                                     out_features: int, in_features: int) -> None:
+    q, scales = quantize_int8(_random(out_features, in_features) * 0.05)
+    x = _random(rows, in_features, seed=1).to(dtype)
+    got = native.int8_linear(x, q, scales.float())
+    expected = x.double() @ (q.double() * scales.double()[:, None]).t()
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    # float32 sums of 576 products in another order: far inside bf16's resolution.
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_refuses_what_it_cannot_read(native: NativeKernels) -> None:
+    q, scales = quantize_int8(_random(32, 64))
+    with pytest.raises(RuntimeError, match="at most 4 rows"):
+        native.int8_linear(_random(5, 64), q, scales.float())
+    with pytest.raises(RuntimeError, match="matching the weight"):
+        native.int8_linear(_random(1, 63), q, scales.float())
+    with pytest.raises(RuntimeError, match="int8"):
+        native.int8_linear(_random(1, 64), q.float(), scales.float())
+    with pytest.raises(RuntimeError, match="scales must be"):
+        native.int8_linear(_random(1, 64), q, scales)  # bf16 scales, not float32
+    assert native.int8_linear(_random(0, 64), q, scales.float()).shape == (0, 32)
+
+
+@needs_onednn_bf16
+def test_lm_head_picks_its_kernel_by_batch_size(native: NativeKernels) -> None:
+    weight = (_random(1000, 576) * 0.05).bfloat16()
+    quantized = LmHead(weight, quantized=True, native=native, onednn=True)
+    dense = LmHead(weight, quantized=False, native=native, onednn=True)
+    assert [quantized.kernel(rows) for rows in (1, NATIVE_INT8_MAX_ROWS, NATIVE_INT8_MAX_ROWS + 1)] == [
+        "native-int8", "native-int8", "onednn"
+    ]
+    # Dense models never quantize their head; without oneDNN the int8 fallback is torch's kernel.
+    assert dense.kernel(1) == "onednn"
+    assert LmHead(weight, quantized=True, native=None, onednn=False).kernel(1) == "int8"
+    assert quantized.decode_bytes == 1000 * 576 + 4 * 1000 and dense.decode_bytes == 2 * 1000 * 576
+
+    x = _random(3, 576, seed=2).bfloat16()
+    reference = F.linear(x.float(), weight.float())
+    small, large = quantized(x), quantized(_random(6, 576, seed=3).bfloat16())
+    assert small.dtype == torch.float32 and small.shape == (3, 1000) and large.shape == (6, 1000)
+    # Per-row int8 moves the logits by ~0.6% of their size (quantization.py's estimate).
+    assert float((small - reference).norm() / reference.norm()) < 0.01
+    torch.testing.assert_close(dense(x), reference, rtol=2**-7, atol=1e-2)
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_hybrid_linear_runs_the_packed_bf16_copy_above_its_threshold(weight_format: str) -> None:
+    weight = _random(96, 128) * 0.05
+    hybrid = HybridLinear(weight, weight_format, dense_weight=weight.bfloat16())
+    threshold = ONEDNN_DENSE_ABOVE[weight_format]
+    assert hybrid.dense_above == threshold
+    small = _random(threshold, 128, seed=1).bfloat16()
+    large = _random(threshold + 1, 128, seed=2).bfloat16()
+    residual = _random(threshold + 1, 96, seed=3).bfloat16()
+    # Up to the threshold: the quantized kernel, bit for bit; above it: the dense layer, bit for bit.
+    assert torch.equal(hybrid(small), PackedLinear(weight, weight_format).matmul(small))
+    dense = OneDnnLinear(weight.bfloat16())
+    assert torch.equal(hybrid(large), dense(large))
+    assert torch.equal(hybrid(large, residual), dense(large, residual))
+    assert torch.equal(hybrid(small, residual[:threshold]), residual[:threshold] + hybrid(small))
+    with pytest.raises(ValueError, match="quantizes to one of"):
+        HybridLinear(weight, "dense", dense_weight=weight.bfloat16())
+
+
+@needs_onednn_bf16
+def test_a_bf16_int4_engine_answers_like_the_dense_one(checkpoint: Checkpoint) -> None:  # noqa: F811
+    """Its layers are hybrids (int4 for the decode, the bf16 copy for the 40-token prefill) and
+    its head runs the native int8 kernel; greedy decoding still finds the answer."""
+    config = EngineConfig(
+        model=ModelConfig(dtype="bfloat16", weight_format="int4"),
+        cache=CacheConfig(num_blocks=64),
+        show_progress=False,
+    )
+    llm = LLM(config=config, checkpoint=checkpoint)
+    try:
+        model = llm.engine.model
+        assert isinstance(model.layers[0].gate_up, HybridLinear)
+        assert model.lm_head.kernel(1) == ("native-int8" if model.native is not None else "onednn")
+        prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
+        (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
+    finally:
+        llm.close()
+    assert output.outputs[0].text.startswith(" Paris")
