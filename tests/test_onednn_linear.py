@@ -54,3 +54,36 @@ def test_bf16_model_packs_its_projections_and_head(checkpoint: Checkpoint) -> No
     assert decode_weight_bytes(model) == 2 * sum(w.numel() for w in checkpoint.weights.values())
     fp32 = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.float32, CPU, max_positions=64)
     assert isinstance(fp32.layers[0].qkv, torch.Tensor) and fp32.lm_head.kernel(1) == "dense"
+
+
+@needs_onednn_bf16
+def test_large_batches_multiply_the_float32_copy(checkpoint: Checkpoint) -> None:  # noqa: F811
+    from pdserve.engine.onednn_linear import FLOAT32_ABOVE
+
+    stored = checkpoint.weights["model.layers.5.mlp.down_proj.weight"].float()
+    layer = OneDnnLinear(stored.to(torch.bfloat16), stored)
+    plain = OneDnnLinear(stored.to(torch.bfloat16))
+    generator = torch.Generator().manual_seed(0)
+    small = torch.randn(FLOAT32_ABOVE, stored.shape[1], generator=generator).to(torch.bfloat16)
+    large = torch.randn(FLOAT32_ABOVE + 1, stored.shape[1], generator=generator).to(torch.bfloat16)
+    residual = torch.randn(FLOAT32_ABOVE + 1, stored.shape[0], generator=generator).to(torch.bfloat16)
+    # Up to the threshold the packed bf16 kernel, bit for bit; above it float32 on the stored
+    # weight, rounded once to bf16, residual included.
+    assert torch.equal(layer(small), plain(small))
+    assert torch.equal(layer(large), F.linear(large.float(), stored).to(torch.bfloat16))
+    expected = torch.addmm(residual.float(), large.float(), stored.t()).to(torch.bfloat16)
+    assert torch.equal(layer(large, residual), expected)
+    assert not torch.equal(plain(large), layer(large))
+    with pytest.raises(ValueError, match="not the weight's shape"):
+        OneDnnLinear(stored.to(torch.bfloat16), stored.t())
+
+
+@needs_onednn_bf16
+def test_the_float32_copies_are_kept_unless_turned_off(checkpoint: Checkpoint) -> None:  # noqa: F811
+    from pdserve.engine.model import LlamaModel
+
+    arch, weights = checkpoint.architecture, checkpoint.weights
+    with_copies = LlamaModel(arch, weights, torch.bfloat16, CPU, max_positions=64)
+    without = LlamaModel(arch, weights, torch.bfloat16, CPU, max_positions=64, large_batch_float32=False)
+    assert "float32 copy" in repr(with_copies.layers[0].qkv)
+    assert "float32 copy" not in repr(without.layers[0].qkv)

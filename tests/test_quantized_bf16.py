@@ -90,7 +90,8 @@ def test_lm_head_picks_its_kernel_by_batch_size(native: NativeKernels) -> None:
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
 def test_hybrid_linear_runs_the_packed_bf16_copy_above_its_threshold(weight_format: str) -> None:
     weight = _random(96, 128) * 0.05
-    hybrid = HybridLinear(weight, weight_format, dense_weight=weight.bfloat16())
+    dense = OneDnnLinear(weight.bfloat16())
+    hybrid = HybridLinear(weight, weight_format, dense=dense)
     threshold = ONEDNN_DENSE_ABOVE[weight_format]
     assert hybrid.dense_above == threshold
     small = _random(threshold, 128, seed=1).bfloat16()
@@ -98,12 +99,11 @@ def test_hybrid_linear_runs_the_packed_bf16_copy_above_its_threshold(weight_form
     residual = _random(threshold + 1, 96, seed=3).bfloat16()
     # Up to the threshold: the quantized kernel, bit for bit; above it: the dense layer, bit for bit.
     assert torch.equal(hybrid(small), PackedLinear(weight, weight_format).matmul(small))
-    dense = OneDnnLinear(weight.bfloat16())
     assert torch.equal(hybrid(large), dense(large))
     assert torch.equal(hybrid(large, residual), dense(large, residual))
     assert torch.equal(hybrid(small, residual[:threshold]), residual[:threshold] + hybrid(small))
     with pytest.raises(ValueError, match="quantizes to one of"):
-        HybridLinear(weight, "dense", dense_weight=weight.bfloat16())
+        HybridLinear(weight, "dense", dense=dense)
 
 
 @needs_onednn_bf16

@@ -33,15 +33,15 @@ class HybridLinear:
     rows and by the packed bf16 weight above; ``layer(x, residual)`` adds ``residual``."""
 
     def __init__(
-        self, weight: torch.Tensor, weight_format: str, dense_weight: torch.Tensor, dense_above: int | None = None
+        self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear, dense_above: int | None = None
     ) -> None:
-        """weight: [out, in] in any float precision, quantized from as given; dense_weight: the
-        same in bf16, the model's dense copy, so batches above the threshold compute exactly what
+        """weight: [out, in] in any float precision, quantized from as given; dense: the same
+        weight as the dense model packs it, so batches above the threshold compute exactly what
         weight_format="dense" computes."""
         if weight_format not in ONEDNN_DENSE_ABOVE:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized = PackedLinear(weight, weight_format)
-        self.dense = OneDnnLinear(dense_weight.contiguous())
+        self.dense = dense
         self.dense_above = ONEDNN_DENSE_ABOVE[weight_format] if dense_above is None else dense_above
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:

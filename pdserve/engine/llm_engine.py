@@ -82,7 +82,7 @@ class LLMEngine:
         kv_dtype = resolve_dtype(config.model.kv_cache_dtype or config.model.dtype, self.device)
         self.model = LlamaModel(
             arch, checkpoint.weights, dtype, self.device, self.max_model_len, config.model.weight_format,
-            config.model.attention,
+            config.model.attention, config.model.large_batch_float32,
         )
 
         layout = plan_layout(arch, config.cache, kv_dtype)

@@ -102,6 +102,7 @@ class LlamaModel:
         max_positions: int,
         weight_format: str = "dense",
         attention: str = "auto",
+        large_batch_float32: bool = True,
     ) -> None:
         self.arch = arch
         self.dtype = dtype
@@ -126,19 +127,24 @@ class LlamaModel:
 
         prepack = onednn_bf16_available(device, dtype)
 
+        def packed_bf16(weight: torch.Tensor) -> OneDnnLinear:
+            # Large batches multiply a float32 copy where asked (onednn_linear.py: faster here).
+            return OneDnnLinear(weight.to(dtype=dtype), weight.float() if large_batch_float32 else None)
+
         def project(*names: str) -> Projection:
             """The named weights fused along the output dim ([out, in] each), ready to multiply."""
             weight = torch.cat([stored(name) for name in names])
             if weight_format == "dense":
-                weight = weight.to(dtype=dtype).contiguous()
-                return OneDnnLinear(weight) if prepack else weight
+                if prepack:
+                    return packed_bf16(weight)
+                return weight.to(dtype=dtype).contiguous()
             # Quantized kernels win where decoding is bound by reading weights; batches above
             # dense_above rows (prefill) run dense: on a packed bf16 copy where oneDNN has bf16
             # kernels, else on weights dequantized to float32 for that call. Quantizing from
             # the checkpoint's own precision, not the model dtype's rounding of it, gives a
             # Q4_1 matrix back exactly (quantization.py).
             if prepack:
-                return HybridLinear(weight, weight_format, dense_weight=weight.to(dtype=dtype))
+                return HybridLinear(weight, weight_format, dense=packed_bf16(weight))
             return PackedLinear(weight, weight_format, dense_above=DEFAULT_DENSE_ABOVE[weight_format])
 
         self.weight_format = weight_format
