@@ -42,12 +42,13 @@ class HybridLinear:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized = PackedLinear(weight, weight_format)
         self.dense = dense
+        self._small_batch = self.quantized.bf16_kernel()
         self.dense_above = ONEDNN_DENSE_ABOVE[weight_format] if dense_above is None else dense_above
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] > self.dense_above:
             return self.dense(x, residual)
-        y = self.quantized.matmul(x)
+        y = self._small_batch(x.contiguous())
         return y if residual is None else residual + y
 
     def __repr__(self) -> str:

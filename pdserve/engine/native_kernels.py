@@ -116,8 +116,11 @@ def load_native_kernels() -> NativeKernels | None:
         log.warning("native kernels unavailable, using the torch path: %s", error)
         return None
     ops = torch.ops.pdserve
-    return NativeKernels(ops.paged_decode_attention, ops.paged_decode_attention_into, ops.rope_write_kv,
-                         ops.rms_norm, ops.silu_and_mul, ops.int8_linear)
+    # Each op's one overload, resolved now: calling the packet resolves it again on every call,
+    # and a decode step makes a few hundred calls.
+    return NativeKernels(ops.paged_decode_attention.default, ops.paged_decode_attention_into.default,
+                         ops.rope_write_kv.default, ops.rms_norm.default, ops.silu_and_mul.default,
+                         ops.int8_linear.default)
 
 
 def _cpu_flags() -> str:

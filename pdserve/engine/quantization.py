@@ -97,6 +97,8 @@ process on a shared machine). The cells no stall hit, median us::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -243,6 +245,20 @@ class PackedLinear:
             self.group_size,
             self._tensors["scales_and_zeros"],
         )
+
+    def bf16_kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The quantized kernel as one call, ``kernel(x)`` = ``matmul(x)`` for a contiguous bf16
+        ``x [T, in]``, without matmul's checks and conversions: for callers that run it a few
+        hundred times a decode step and guarantee its input."""
+        if self.weight_format == "int8":
+            int8_kernel = torch.ops.aten._weight_int8pack_mm.default
+            weight, scales = self._tensors["weight"], self._tensors["scales"]
+            return lambda x: int8_kernel(x, weight, scales)
+        if self.weight_format == "int4":
+            int4_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+            packed, group_size, scales_and_zeros = self._tensors["weight"], self.group_size, self._tensors["scales_and_zeros"]
+            return lambda x: int4_kernel(x, packed, group_size, scales_and_zeros)
+        raise ValueError("a dense PackedLinear has no quantized kernel")
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the quantized kernel multiplies by (dense: a float copy).
