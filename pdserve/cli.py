@@ -37,6 +37,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "once per machine, ~20 s), torch (gather + SDPA), or auto (default: native for bfloat16 on "
         "CPUs with bf16 hardware when it builds, else torch)",
     )
+    parser.add_argument(
+        "--large-batch-float32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CPUs where bf16 weights are packed for oneDNN, keep float32 copies and multiply "
+        "batches above 48 rows (prefill chunks) in float32, faster there (default: on; costs 4 "
+        "bytes per weight; see docs/engine.md)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
@@ -266,6 +274,7 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(
         args.model, dtype=args.dtype, device=args.device, threads=args.threads,
         weight_format=args.weight_format, attention=args.attention,
+        large_batch_float32=args.large_batch_float32,
     )
     try:
         if args.chat:

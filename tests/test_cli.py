@@ -31,6 +31,13 @@ def test_generate_prints_the_greedy_completion() -> None:
     assert "loaded SmolLM2-135M-Instruct" in result.stderr  # the load report
 
 
+def test_every_engine_command_takes_the_float32_copies_switch() -> None:
+    for command in (("generate",), ("serve",), ("worker",), ("bench", "engine")):
+        assert "--no-large-batch-float32" in run_cli(*command, "--help").stdout, command
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "8", "--no-large-batch-float32")
+    assert result.returncode == 0 and "Paris" in result.stdout, result.stderr
+
+
 def test_generate_reports_bad_input_without_a_traceback() -> None:
     result = run_cli("generate", "hi", "--max-tokens", "0")
     assert result.returncode == 2

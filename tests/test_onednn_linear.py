@@ -87,3 +87,11 @@ def test_the_float32_copies_are_kept_unless_turned_off(checkpoint: Checkpoint) -
     without = LlamaModel(arch, weights, torch.bfloat16, CPU, max_positions=64, large_batch_float32=False)
     assert "float32 copy" in repr(with_copies.layers[0].qkv)
     assert "float32 copy" not in repr(without.layers[0].qkv)
+    # The offline API passes the switch through to the model.
+    from pdserve.engine.llm import LLM
+
+    llm = LLM(dtype="bfloat16", large_batch_float32=False, checkpoint=checkpoint, show_progress=False)
+    try:
+        assert "float32 copy" not in repr(llm.engine.model.layers[0].down)
+    finally:
+        llm.close()

@@ -77,11 +77,13 @@ class BenchPlan:
     num_hf_bf16_repeats: int
     attention: str = "auto"
     """Our engine's decode attention (``--attention``): auto, native or torch."""
+    large_batch_float32: bool = True
+    """Our engine's float32 copies for large batches (``--[no-]large-batch-float32``)."""
 
     @classmethod
     def create(
         cls, model_path: str, dtype: str, weight_format: str, device: str, num_threads: int, quick: bool,
-        attention: str = "auto",
+        attention: str = "auto", large_batch_float32: bool = True,
     ) -> BenchPlan:
         if quick:
             return cls(
@@ -89,12 +91,14 @@ class BenchPlan:
                 prefill_lengths=(512,), num_prefill_repeats=2, batch_sizes=(1, 8),
                 context_length=512, num_warmup_steps=2, num_decode_steps=8,
                 hf_bf16_prefill_lengths=(512,), num_hf_bf16_repeats=1, attention=attention,
+                large_batch_float32=large_batch_float32,
             )  # fmt: skip
         return cls(
             model_path, dtype, weight_format, device, num_threads, quick,
             prefill_lengths=(512, 2048), num_prefill_repeats=3, batch_sizes=(1, 8, 32, 64),
             context_length=512, num_warmup_steps=3, num_decode_steps=20,
             hf_bf16_prefill_lengths=(2048,), num_hf_bf16_repeats=2, attention=attention,
+            large_batch_float32=large_batch_float32,
         )  # fmt: skip
 
     def to_json(self) -> str:
@@ -327,6 +331,7 @@ def _engine_config(plan: BenchPlan) -> EngineConfig:
         model=ModelConfig(
             path=plan.model_path, dtype=plan.dtype, weight_format=plan.weight_format,
             device=plan.device, num_threads=plan.num_threads, attention=plan.attention,
+            large_batch_float32=plan.large_batch_float32,
         ),
         cache=CacheConfig(
             num_blocks=max(max_batch * decode_blocks, prefill_blocks) + 1,
@@ -454,7 +459,7 @@ def run_engine_benchmark(args: argparse.Namespace) -> int:
     weight_format = getattr(args, "weight_format", "dense")
     plan = BenchPlan.create(
         str(model_path), args.dtype, weight_format, args.device, num_threads, args.quick,
-        getattr(args, "attention", "auto"),
+        getattr(args, "attention", "auto"), getattr(args, "large_batch_float32", True),
     )
     torch.set_num_threads(num_threads)
     machine = machine_info(num_threads)

@@ -28,6 +28,7 @@ class LLM:
         threads: int | None = None,
         weight_format: str = "dense",
         attention: str = "auto",
+        large_batch_float32: bool = True,
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         config: EngineConfig | None = None,
@@ -38,7 +39,7 @@ class LLM:
             config = EngineConfig(
                 model=ModelConfig(
                     path=model, dtype=dtype, device=device, num_threads=threads, weight_format=weight_format,
-                    attention=attention,
+                    attention=attention, large_batch_float32=large_batch_float32,
                 ),
                 cache=cache or CacheConfig(),
                 scheduler=scheduler or SchedulerConfig(),

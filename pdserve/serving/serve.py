@@ -53,6 +53,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
                 "--model", model, "--dtype", args.dtype, "--weight-format", args.weight_format,
                 "--attention", args.attention,
+                "--large-batch-float32" if args.large_batch_float32 else "--no-large-batch-float32",
                 "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
                 "--log-level", args.log_level, *(["--plain-logs"] if args.plain_logs else []),
             ]

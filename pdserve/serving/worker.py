@@ -41,6 +41,7 @@ def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[En
         model=ModelConfig(
             path=args.model, dtype=args.dtype, device=args.device, num_threads=num_threads,
             weight_format=args.weight_format, attention=args.attention,
+            large_batch_float32=args.large_batch_float32,
         ),
         # A prefill pool in shared memory lets same-host decode workers copy KV straight out of it.
         cache=CacheConfig(memory_bytes=args.kv_memory_mb << 20, allocator="shm" if args.role != "decode" else "heap"),
