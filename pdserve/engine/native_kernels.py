@@ -6,7 +6,9 @@ registered as ``torch.ops.pdserve.*``:
 - ``rope_write_kv``: the rotary embedding of a layer's new queries and keys, in place in the QKV
   projection's output, and the new keys and values stored into their cache slots;
 - ``rms_norm`` and ``silu_and_mul``: a layer's two norms and its SwiGLU activation, each one
-  call where eager torch dispatches several ops.
+  call where eager torch dispatches several ops;
+- ``int8_linear``: x @ W.T for up to 4 rows against int8 weights, at memory speed (the LM head of
+  quantized models, lm_head.py).
 
 Why kernels of our own: decode attention in plain torch first gathers every sequence's context
 out of the paged cache into a contiguous copy (``index_select``), then runs SDPA on it. At batch 8
@@ -17,8 +19,8 @@ dispatch than in arithmetic at decode batch sizes; the kernel is one call. The s
 the norms (61 of them were 4.6 ms of a 35 ms batch-1 step at two threads) and the activation.
 
 They are compiled for the CPU they run on (``-march=native``) into
-``<pdserve cache>/native/<key>/``, the key covering the sources and headers, the flags, torch's version and the
-CPU's feature flags, so a cache shared between machines never hands one the other's binary. The
+``<pdserve cache>/native/<key>/``, the key covering the sources and headers, the flags, torch's
+version and the CPU's feature flags, so a cache shared between machines never hands one the other's binary. The
 first build takes 15-30 s; ``python -m pdserve.engine.native_kernels`` builds ahead of time
 (``scripts/bootstrap`` does). Building needs a C++ compiler and ninja; without them, or on a
 failed build, :func:`load_native_kernels` returns None and the engine keeps the torch path.

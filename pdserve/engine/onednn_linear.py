@@ -24,8 +24,8 @@ MKL's float32 GEMM climbs with the batch: one thread, hot weights, GFLOP/s::
                       fp32    57     93    101    124
 
 so with a float32 copy of the weight, batches above ``FLOAT32_ABOVE`` rows (prefill chunks)
-multiply in float32 and round the result to bf16 once: whole prefills ran 1.30-1.33x faster
-(512 and 2,048 tokens, 2 threads, the two variants in alternating processes). The copy costs 4
+multiply in float32 and round the result to bf16 once: whole prefills ran 1.30-1.47x faster
+(512 and 2,048 tokens, 2 threads, the two variants in alternating processes, two rounds each). The copy costs 4
 bytes a weight (425 MB for SmolLM2-135M's layers); ``ModelConfig.large_batch_float32`` turns it
 off. Its weights are the checkpoint's own, not their bf16 rounding.
 """
