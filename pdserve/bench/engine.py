@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.model import LlamaModel
-    from pdserve.engine.quantization import PackedLinear
 
 DECODE_BATCH1_TARGET = 80.0
 """tokens/s."""
@@ -296,27 +295,15 @@ def decode_weight_bytes(model: LlamaModel) -> int:
         if isinstance(weight, OneDnnLinear):
             return weight.nbytes
         if isinstance(weight, PackedLinear):
-            return _packed_kernel_bytes(weight)
+            return weight.kernel_bytes
         if isinstance(weight, HybridLinear):  # a decode batch runs its quantized half
-            return _packed_kernel_bytes(weight.quantized)
+            return weight.quantized.kernel_bytes
         return 0
 
     total = model.lm_head.decode_bytes + read_bytes(model.final_norm)
     for layer in model.layers:
         total += sum(read_bytes(weight) for weight in vars(layer).values())
     return total
-
-
-def _packed_kernel_bytes(layer: PackedLinear) -> int:
-    """What the decode kernel reads of a packed layer, leaving out its dense-fallback copy:
-    int8 = 1 byte per weight + a bf16 scale per row; int4 = half a byte per weight + a bf16
-    scale and zero per group of ``group_size`` inputs."""
-    num_weights = layer.out_features * layer.in_features
-    if layer.weight_format == "int8":
-        return num_weights + 2 * layer.out_features
-    if layer.weight_format == "int4":
-        return num_weights // 2 + 4 * (num_weights // layer.group_size)
-    return int(layer.nbytes)
 
 
 def _engine_config(plan: BenchPlan) -> EngineConfig:

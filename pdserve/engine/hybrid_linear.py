@@ -32,9 +32,7 @@ class HybridLinear:
     """``layer(x)`` is ``x @ weight.T`` in bf16, by the quantized kernel for up to ``dense_above``
     rows and by the packed bf16 weight above; ``layer(x, residual)`` adds ``residual``."""
 
-    def __init__(
-        self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear, dense_above: int | None = None
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear) -> None:
         """weight: [out, in] in any float precision, quantized from as given; dense: the same
         weight as the dense model packs it, so batches above the threshold compute exactly what
         weight_format="dense" computes."""
@@ -42,13 +40,14 @@ class HybridLinear:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized = PackedLinear(weight, weight_format)
         self.dense = dense
-        self._small_batch = self.quantized.bf16_kernel()
-        self.dense_above = ONEDNN_DENSE_ABOVE[weight_format] if dense_above is None else dense_above
+        self.dense_above = ONEDNN_DENSE_ABOVE[weight_format]
+        assert self.quantized.kernel is not None  # a quantized format has one
+        self._kernel = self.quantized.kernel
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] > self.dense_above:
             return self.dense(x, residual)
-        y = self._small_batch(x.contiguous())
+        y = self._kernel(x.contiguous())
         return y if residual is None else residual + y
 
     def __repr__(self) -> str:

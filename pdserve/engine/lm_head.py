@@ -12,12 +12,17 @@ their logits (it adds 1.2% error to SmolLM2's Q8_0 embedding, see quantization.p
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear, quantize_int8
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+"""x [T, hidden] -> float32 logits [T, vocab]."""
 
 NATIVE_INT8_MAX_ROWS = 4
 """Rows the native int8 kernel takes (a decode batch); above, the dense head is faster."""
@@ -34,42 +39,41 @@ class LmHead:
 
     def __init__(self, weight: torch.Tensor, quantized: bool, native: NativeKernels | None, onednn: bool) -> None:
         self.weight = weight
-        self._onednn = OneDnnLinear(weight) if onednn else None
-        self._native = native if quantized else None
-        self._native_int8: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._packed_int8: PackedLinear | None = None
+        if onednn:
+            packed = OneDnnLinear(weight)
+            self._dense: tuple[str, Head] = ("onednn", lambda x: packed(x).float())
+        else:
+            self._dense = ("dense", lambda x: F.linear(x, weight).float())
+        # The small-batch kernel of quantized models, the rows it takes, the bytes it reads.
+        self._small: tuple[str, Head] | None = None
+        self._small_rows = 0
+        self._small_bytes = 0
         if quantized and native is not None:
             q, scales = quantize_int8(weight)
-            self._native_int8 = (q, scales.float())
+            scales = scales.float()
+            int8_linear = native.int8_linear
+            self._small = ("native-int8", lambda x: int8_linear(x.contiguous(), q, scales))
+            self._small_rows = NATIVE_INT8_MAX_ROWS
+            self._small_bytes = q.numel() + scales.numel() * scales.element_size()
         elif quantized:
-            self._packed_int8 = PackedLinear(weight, "int8")
+            packed_int8 = PackedLinear(weight, "int8")
+            self._small = ("int8", packed_int8)
+            self._small_rows = DEFAULT_DENSE_ABOVE["int8"]
+            self._small_bytes = packed_int8.kernel_bytes
 
     @property
     def decode_bytes(self) -> int:
         """Bytes a batch-1 decode step reads of the head."""
-        if self._native_int8 is not None:
-            q, scales = self._native_int8
-            return q.numel() + scales.numel() * scales.element_size()
-        if self._packed_int8 is not None:
-            return self._packed_int8.out_features * (self._packed_int8.in_features + 2)
-        return self.weight.numel() * self.weight.element_size()
+        return self._small_bytes if self._small is not None else self.weight.numel() * self.weight.element_size()
+
+    def _route(self, rows: int) -> tuple[str, Head]:
+        if self._small is not None and rows <= self._small_rows:
+            return self._small
+        return self._dense
 
     def kernel(self, rows: int) -> str:
         """Which kernel a batch of ``rows`` runs: native-int8, int8, onednn or dense."""
-        if self._native_int8 is not None and rows <= NATIVE_INT8_MAX_ROWS:
-            return "native-int8"
-        if self._packed_int8 is not None and rows <= DEFAULT_DENSE_ABOVE["int8"]:
-            return "int8"
-        return "onednn" if self._onednn is not None else "dense"
+        return self._route(rows)[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.kernel(x.shape[0])
-        if kernel == "native-int8":
-            assert self._native is not None and self._native_int8 is not None
-            return self._native.int8_linear(x.contiguous(), *self._native_int8)
-        if kernel == "int8":
-            assert self._packed_int8 is not None
-            return self._packed_int8(x)
-        if self._onednn is not None:
-            return self._onednn(x).float()
-        return F.linear(x, self.weight).float()
+        return self._route(x.shape[0])[1](x)

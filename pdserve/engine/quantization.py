@@ -188,6 +188,10 @@ class PackedLinear:
         self.group_size = group_size
         self.dense_above = dense_above
         self._tensors: dict[str, torch.Tensor] = {}
+        self.kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """The quantized kernel as one call, ``kernel(x)`` for a contiguous bf16 ``x [T, in]`` ->
+        bf16 ``[T, out]``, without :meth:`matmul`'s checks and conversions: for callers that run
+        it a few hundred times a decode step and guarantee its input. None for dense."""
         if weight_format == "dense":
             self._tensors["weight"] = weight.contiguous()
             return
@@ -198,6 +202,17 @@ class PackedLinear:
             self._tensors["scales"] = scales  # [out] bf16
         else:
             self._pack_int4(weight, group_size)
+        self.kernel = self._bind_kernel()
+
+    def _bind_kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        # Each kernel's overload resolved once, its tensors bound.
+        if self.weight_format == "int8":
+            int8_kernel = torch.ops.aten._weight_int8pack_mm.default
+            weight, scales = self._tensors["weight"], self._tensors["scales"]
+            return lambda x: int8_kernel(x, weight, scales)
+        int4_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+        packed, scales_and_zeros, group_size = self._tensors["weight"], self._tensors["scales_and_zeros"], self.group_size
+        return lambda x: int4_kernel(x, packed, group_size, scales_and_zeros)
 
     def _pack_int4(self, weight: torch.Tensor, group_size: int) -> None:
         q, scales, mins = quantize_int4(weight, group_size)
@@ -214,6 +229,18 @@ class PackedLinear:
             half = self.in_features // 2
             nibbles = q[:, :half] | (q[:, half:] << 4)
             self._tensors["nibbles"] = nibbles.to(torch.uint8)
+
+    @property
+    def kernel_bytes(self) -> int:
+        """Bytes one call of the kernel reads, leaving out any dense-fallback copy: int8 = 1 byte
+        per weight + a bf16 scale per row; int4 = half a byte per weight + a bf16 scale and zero
+        per group of ``group_size`` inputs; dense = the weight."""
+        num_weights = self.out_features * self.in_features
+        if self.weight_format == "int8":
+            return num_weights + 2 * self.out_features
+        if self.weight_format == "int4":
+            return num_weights // 2 + 4 * (num_weights // self.group_size)
+        return self.nbytes
 
     @property
     def nbytes(self) -> int:
@@ -235,30 +262,9 @@ class PackedLinear:
             return F.linear(x.to(weight.dtype), weight)
         if self.dense_above is not None and x.shape[0] > self.dense_above:
             return F.linear(x.float(), self.dequantize())
-        # x_bf16: [T, in]; both kernels return [T, out] bf16.
-        x_bf16 = x.to(torch.bfloat16).contiguous()
-        if self.weight_format == "int8":
-            return torch.ops.aten._weight_int8pack_mm(x_bf16, self._tensors["weight"], self._tensors["scales"])
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x_bf16,
-            self._tensors["weight"],
-            self.group_size,
-            self._tensors["scales_and_zeros"],
-        )
-
-    def bf16_kernel(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The quantized kernel as one call, ``kernel(x)`` = ``matmul(x)`` for a contiguous bf16
-        ``x [T, in]``, without matmul's checks and conversions: for callers that run it a few
-        hundred times a decode step and guarantee its input."""
-        if self.weight_format == "int8":
-            int8_kernel = torch.ops.aten._weight_int8pack_mm.default
-            weight, scales = self._tensors["weight"], self._tensors["scales"]
-            return lambda x: int8_kernel(x, weight, scales)
-        if self.weight_format == "int4":
-            int4_kernel = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-            packed, group_size, scales_and_zeros = self._tensors["weight"], self.group_size, self._tensors["scales_and_zeros"]
-            return lambda x: int4_kernel(x, packed, group_size, scales_and_zeros)
-        raise ValueError("a dense PackedLinear has no quantized kernel")
+        assert self.kernel is not None
+        # Both kernels take and return bf16.
+        return self.kernel(x.to(torch.bfloat16).contiguous())
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the quantized kernel multiplies by (dense: a float copy).

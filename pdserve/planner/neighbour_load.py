@@ -38,13 +38,14 @@ class NeighbourLoad:
         if model:
             self._command += ["--model", model]
         self._ready_timeout = ready_timeout
-        self._process: subprocess.Popen[str] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     def describe(self) -> str:
         return f"an engine decoding a batch on core(s) {','.join(map(str, self.cores))}"
 
     def __enter__(self) -> NeighbourLoad:
-        process = subprocess.Popen(self._command, stdout=subprocess.PIPE, text=True)
+        # Unbuffered: select() sees the pipe itself, so no line can wait unseen in a buffer.
+        process = subprocess.Popen(self._command, stdout=subprocess.PIPE, bufsize=0)
         self._process = process
         deadline = time.monotonic() + self._ready_timeout
         assert process.stdout is not None
@@ -57,7 +58,7 @@ class NeighbourLoad:
             line = process.stdout.readline()
             if not line:  # the child exited
                 break
-            if line.startswith(READY):
+            if line.startswith(READY.encode()):
                 return self
         self._stop()
         raise RuntimeError(f"the neighbour load did not start (exit status {process.returncode}): "
