@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS, long_prompt
-from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.config import WEIGHT_FORMATS, EngineConfig, ModelConfig
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import load_checkpoint
 from pdserve.engine.sampling_params import SamplingParams
@@ -29,7 +29,7 @@ NEW_TOKENS = 48
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--weight-format", default="dense", choices=["dense", "int8", "int4"])
+    parser.add_argument("--weight-format", default="dense", choices=list(WEIGHT_FORMATS))
     parser.add_argument("--output", default=None, help="write the per-prompt figures as JSON")
     args = parser.parse_args()
 

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pdserve.engine.config import WEIGHT_FORMATS
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -25,9 +27,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weight-format",
         default="dense",
-        choices=["dense", "int8", "int4"],
-        help="projection weights: dense (default), or weight-only int8/int4 kernels that speed up "
-        "CPU decoding (prefill batches still run dense)",
+        choices=list(WEIGHT_FORMATS),
+        help="projection weights: dense (default); weight-only int8/int4 kernels that speed up "
+        "CPU decoding (prefill batches still run dense); or w8a8, int8 weights times int8 "
+        "activations (quantized per token), fastest on CPUs with VNNI, at some accuracy",
     )
     parser.add_argument(
         "--attention",

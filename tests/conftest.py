@@ -7,3 +7,4 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_model import checkpoint  # noqa: E402,F401
+from fixtures_native import native  # noqa: E402,F401

@@ -12,15 +12,8 @@ from fixtures_model import make_float32_llm
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.config import CacheConfig, ModelConfig
 from pdserve.engine.loader import Checkpoint
-from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
+from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.sampling_params import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def native() -> NativeKernels:
-    loaded = load_native_kernels()
-    assert loaded is not None, "the kernels must build here (gcc and ninja are installed by bootstrap)"
-    return loaded
 
 
 def _paged_case(dtype: torch.dtype, lengths: list[int], heads: int, kv_heads: int, head_dim: int,

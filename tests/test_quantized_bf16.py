@@ -8,13 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fixtures_model import checkpoint  # noqa: F401
+from fixtures_native import seeded_randn
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
 from pdserve.engine.llm import LLM
 from pdserve.engine.lm_head import NATIVE_INT8_MAX_ROWS, LmHead
 from pdserve.engine.loader import Checkpoint
-from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
+from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import PackedLinear, quantize_int8
 from pdserve.engine.sampling_params import SamplingParams
@@ -25,25 +26,14 @@ needs_onednn_bf16 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def native() -> NativeKernels:
-    loaded = load_native_kernels()
-    assert loaded is not None, "the kernels must build here (gcc and ninja are installed by bootstrap)"
-    return loaded
-
-
-def _random(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 # 101 outputs leave a partial block of four rows; 72 inputs are not a multiple of 16 (scalar path).
 @pytest.mark.parametrize(("out_features", "in_features"), [(101, 576), (64, 72)])
 def test_int8_linear_matches_its_dequantized_weight(native: NativeKernels, dtype: torch.dtype, rows: int,
                                                      out_features: int, in_features: int) -> None:
-    q, scales = quantize_int8(_random(out_features, in_features) * 0.05)
-    x = _random(rows, in_features, seed=1).to(dtype)
+    q, scales = quantize_int8(seeded_randn(out_features, in_features) * 0.05)
+    x = seeded_randn(rows, in_features, seed=1).to(dtype)
     got = native.int8_linear(x, q, scales.float())
     expected = x.double() @ (q.double() * scales.double()[:, None]).t()
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
@@ -52,34 +42,34 @@ def test_int8_linear_matches_its_dequantized_weight(native: NativeKernels, dtype
 
 
 def test_int8_linear_refuses_what_it_cannot_read(native: NativeKernels) -> None:
-    q, scales = quantize_int8(_random(32, 64))
+    q, scales = quantize_int8(seeded_randn(32, 64))
     with pytest.raises(RuntimeError, match="at most 4 rows"):
-        native.int8_linear(_random(5, 64), q, scales.float())
+        native.int8_linear(seeded_randn(5, 64), q, scales.float())
     with pytest.raises(RuntimeError, match="matching the weight"):
-        native.int8_linear(_random(1, 63), q, scales.float())
+        native.int8_linear(seeded_randn(1, 63), q, scales.float())
     with pytest.raises(RuntimeError, match="int8"):
-        native.int8_linear(_random(1, 64), q.float(), scales.float())
+        native.int8_linear(seeded_randn(1, 64), q.float(), scales.float())
     with pytest.raises(RuntimeError, match="scales must be"):
-        native.int8_linear(_random(1, 64), q, scales)  # bf16 scales, not float32
-    assert native.int8_linear(_random(0, 64), q, scales.float()).shape == (0, 32)
+        native.int8_linear(seeded_randn(1, 64), q, scales)  # bf16 scales, not float32
+    assert native.int8_linear(seeded_randn(0, 64), q, scales.float()).shape == (0, 32)
 
 
 @needs_onednn_bf16
 def test_lm_head_picks_its_kernel_by_batch_size(native: NativeKernels) -> None:
-    weight = (_random(1000, 576) * 0.05).bfloat16()
-    quantized = LmHead(weight, quantized=True, native=native, onednn=True)
-    dense = LmHead(weight, quantized=False, native=native, onednn=True)
+    weight = (seeded_randn(1000, 576) * 0.05).bfloat16()
+    quantized = LmHead(weight, weight_format="int4", native=native, onednn=True)
+    dense = LmHead(weight, weight_format="dense", native=native, onednn=True)
     assert [quantized.kernel(rows) for rows in (1, NATIVE_INT8_MAX_ROWS, NATIVE_INT8_MAX_ROWS + 1)] == [
         "native-int8", "native-int8", "onednn"
     ]
     # Dense models never quantize their head; without oneDNN the int8 fallback is torch's kernel.
     assert dense.kernel(1) == "onednn"
-    assert LmHead(weight, quantized=True, native=None, onednn=False).kernel(1) == "int8"
+    assert LmHead(weight, weight_format="int4", native=None, onednn=False).kernel(1) == "int8"
     assert quantized.decode_bytes == 1000 * 576 + 4 * 1000 and dense.decode_bytes == 2 * 1000 * 576
 
-    x = _random(3, 576, seed=2).bfloat16()
+    x = seeded_randn(3, 576, seed=2).bfloat16()
     reference = F.linear(x.float(), weight.float())
-    small, large = quantized(x), quantized(_random(6, 576, seed=3).bfloat16())
+    small, large = quantized(x), quantized(seeded_randn(6, 576, seed=3).bfloat16())
     assert small.dtype == torch.float32 and small.shape == (3, 1000) and large.shape == (6, 1000)
     # Per-row int8 moves the logits by ~0.6% of their size (quantization.py's estimate).
     assert float((small - reference).norm() / reference.norm()) < 0.01
@@ -89,14 +79,14 @@ def test_lm_head_picks_its_kernel_by_batch_size(native: NativeKernels) -> None:
 @needs_onednn_bf16
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
 def test_hybrid_linear_runs_the_packed_bf16_copy_above_its_threshold(weight_format: str) -> None:
-    weight = _random(96, 128) * 0.05
+    weight = seeded_randn(96, 128) * 0.05
     dense = OneDnnLinear(weight.bfloat16())
     hybrid = HybridLinear(weight, weight_format, dense=dense)
     threshold = ONEDNN_DENSE_ABOVE[weight_format]
     assert hybrid.dense_above == threshold
-    small = _random(threshold, 128, seed=1).bfloat16()
-    large = _random(threshold + 1, 128, seed=2).bfloat16()
-    residual = _random(threshold + 1, 96, seed=3).bfloat16()
+    small = seeded_randn(threshold, 128, seed=1).bfloat16()
+    large = seeded_randn(threshold + 1, 128, seed=2).bfloat16()
+    residual = seeded_randn(threshold + 1, 96, seed=3).bfloat16()
     # Up to the threshold: the quantized kernel, bit for bit; above it: the dense layer, bit for bit.
     assert torch.equal(hybrid(small), PackedLinear(weight, weight_format).matmul(small))
     assert torch.equal(hybrid(large), dense(large))

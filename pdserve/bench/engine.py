@@ -288,11 +288,12 @@ def decode_weight_bytes(model: LlamaModel) -> int:
     from pdserve.engine.hybrid_linear import HybridLinear
     from pdserve.engine.onednn_linear import OneDnnLinear
     from pdserve.engine.quantization import PackedLinear
+    from pdserve.engine.w8a8_linear import W8A8Linear
 
     def read_bytes(weight: object) -> int:
         if isinstance(weight, torch.Tensor):
             return weight.numel() * weight.element_size()
-        if isinstance(weight, OneDnnLinear):
+        if isinstance(weight, OneDnnLinear | W8A8Linear):
             return weight.nbytes
         if isinstance(weight, PackedLinear):
             return weight.kernel_bytes

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("dense", "int8", "int4", "w8a8")
+"""ModelConfig.weight_format's choices (ModelConfig's docstring says what each is)."""
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,10 @@ class ModelConfig:
     device: str = "cpu"
     """torch device string, e.g. "cpu" or "cuda:0"."""
     weight_format: str = "dense"
-    """Projection weights: "dense" (the compute dtype), or weight-only "int8" / "int4" for
-    CPU decoding, which reads every weight each step (prefill batches run dense)."""
+    """Projection weights: "dense" (the compute dtype); weight-only "int8" / "int4" for CPU
+    decoding, which reads every weight each step (prefill batches run dense); or "w8a8", int8
+    weights times activations quantized to int8 per token on every call (w8a8_linear.py), for
+    CPUs whose int8 dot products outrun their float ones (docs/engine.md)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None means the model's trained context length."""
     num_threads: int | None = None
@@ -47,8 +51,8 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.kv_cache_dtype is not None and self.kv_cache_dtype not in _DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.weight_format not in ("dense", "int8", "int4"):
-            raise ValueError(f"weight_format must be dense, int8 or int4, got {self.weight_format!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weight_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         if self.num_threads is not None and self.num_threads < 1:

@@ -22,10 +22,12 @@ from pdserve.engine.lm_head import LmHead
 from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
+from pdserve.engine.w8a8_linear import W8A8Linear
 
-Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear
+Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear | W8A8Linear
 """A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, a dense
-bf16 one pre-packed for oneDNN (CPU), or a quantized one beside such a bf16 copy (CPU)."""
+bf16 one pre-packed for oneDNN (CPU), a quantized one beside such a bf16 copy (CPU), or an int8
+one multiplied by int8 activations."""
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called after each layer wrote its K/V: (layer index, k [T, kv_heads, D], v [T, kv_heads, D])."""
@@ -134,6 +136,8 @@ class LlamaModel:
         def project(*names: str) -> Projection:
             """The named weights fused along the output dim ([out, in] each), ready to multiply."""
             weight = torch.cat([stored(name) for name in names])
+            if weight_format == "w8a8":
+                return W8A8Linear(weight, self.native)
             if weight_format == "dense":
                 if prepack:
                     return packed_bf16(weight)
@@ -151,7 +155,7 @@ class LlamaModel:
         self.embed_tokens = take("model.embed_tokens.weight")
         # With tied embeddings the head is the embedding matrix itself, shared.
         lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
-        self.lm_head = LmHead(lm_head, quantized=weight_format != "dense", native=self.native, onednn=prepack)
+        self.lm_head = LmHead(lm_head, weight_format, native=self.native, onednn=prepack)
         self.final_norm = take("model.norm.weight")
         self.layers: list[DecoderLayer] = []
         for index in range(arch.num_layers):
@@ -189,7 +193,7 @@ class LlamaModel:
     @staticmethod
     def _linear(x: torch.Tensor, weight: Projection, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x @ weight.T (+ residual). x: [T, in]."""
-        if isinstance(weight, OneDnnLinear | HybridLinear):
+        if isinstance(weight, OneDnnLinear | HybridLinear | W8A8Linear):
             return weight(x, residual)
         if isinstance(weight, PackedLinear):
             y = weight.matmul(x).to(x.dtype)

@@ -8,7 +8,10 @@ registered as ``torch.ops.pdserve.*``:
 - ``rms_norm`` and ``silu_and_mul``: a layer's two norms and its SwiGLU activation, each one
   call where eager torch dispatches several ops;
 - ``int8_linear``: x @ W.T for up to 4 rows against int8 weights, at memory speed (the LM head of
-  quantized models, lm_head.py).
+  quantized models, lm_head.py);
+- ``quantize_rows_int8`` and ``dequantize_int32``: the two ends of an int8 x int8 layer
+  (w8a8_linear.py), activations to int8 by row before ``torch._int_mm``, its sums scaled back
+  after it.
 
 Why kernels of our own: decode attention in plain torch first gathers every sequence's context
 out of the paged cache into a contiguous copy (``index_select``), then runs SDPA on it. At batch 8
@@ -49,6 +52,7 @@ SOURCES = tuple(
     NATIVE_DIRECTORY / name
     for name in (
         "paged_decode_attention.cpp", "rope_write_kv.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "int8_linear.cpp",
+        "int8_rows.cpp",
     )
 )
 HEADERS = (NATIVE_DIRECTORY / "bf16.h",)
@@ -81,6 +85,13 @@ class NativeKernels:
     """(gate_up [T, 2 width] contiguous, gate first) -> silu(gate) * up [T, width]."""
     int8_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     """(x [T <= 4, in] contiguous, weight [out, in] int8, scales [out] float32) -> float32 [T, out]."""
+    quantize_rows_int8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    """(x [T, in] rows contiguous) -> (q [T, in] int8, scales [T] float32), x ~ q * scale."""
+    dequantize_int32: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype], torch.Tensor
+    ]
+    """(sums [T, out] int32, row_scales [T], column_scales [out] float32, residual [T, out] or None,
+    dtype) -> sums * row_scale * column_scale (+ residual) [T, out] in dtype."""
 
 
 def build_directory(cache_root: Path) -> Path:
@@ -122,7 +133,7 @@ def load_native_kernels() -> NativeKernels | None:
     # and a decode step makes a few hundred calls.
     return NativeKernels(ops.paged_decode_attention.default, ops.paged_decode_attention_into.default,
                          ops.rope_write_kv.default, ops.rms_norm.default, ops.silu_and_mul.default,
-                         ops.int8_linear.default)
+                         ops.int8_linear.default, ops.quantize_rows_int8.default, ops.dequantize_int32.default)
 
 
 def _cpu_flags() -> str:

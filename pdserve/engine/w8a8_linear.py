@@ -1,0 +1,100 @@
+"""Linear layers in int8 arithmetic: int8 weights times int8 activations (W8A8).
+
+Weights are quantized once, symmetric per output channel; activations are quantized on every
+call, symmetric per row (token), by their own absolute maximum. ``torch._int_mm`` multiplies the
+integers with int32 sums (oneDNN's VNNI kernels on x86), and each sum is scaled back by its row's
+and its column's scale.
+
+Why: on the 2-core Xeon (a VM, AVX512-VNNI and -BF16, no AMX) the int8 dot-product instruction
+runs at 268 GOP/s a thread where bf16's runs at 79 GFLOP/s (a register-only loop of each), and
+oneDNN's bf16 GEMM tops out at 70-86 GFLOP/s a thread. One thread, hot weights, G(FL)OP/s::
+
+    rows                                   1      8     32     64    512
+    gate_up 3072x576  _int_mm (int8)      56    149    327    391    562
+                      F.linear (bf16)     12     43     71     73     76
+    down 576x1536     _int_mm (int8)     143    170    363    449    564
+
+(2 threads: 720 GOP/s for gate_up at 32 rows, 1,049 at 512). Whole-engine figures are in
+docs/engine.md.
+
+Activation quantization changes the arithmetic beyond weight-only formats: each row keeps 8
+bits relative to its largest entry. That is what "w8a8" (a weight format of its own, never the
+default) trades for the speed; ``benchmarks/dtype_agreement.py`` measures its greedy agreement
+with the float32 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.native_kernels import NativeKernels
+from pdserve.engine.quantization import quantize_int8
+
+INT8_MAX = 127.0
+
+CUDA_MIN_ROWS = 17
+"""``torch._int_mm`` on CUDA takes only more than 16 rows; smaller batches are padded."""
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (q [T, K] int8, scales [T] float32), x ~ q * scale.
+
+    q = round(x * (127 / max|row|)), half to even: exactly what the native kernel computes. An
+    all-zero row gets scale 0 and q = 0.
+    """
+    wide = x.float()
+    max_abs = wide.abs().amax(dim=1)
+    # A true division: ``INT8_MAX / max_abs`` would run as reciprocal-then-product, rounding twice.
+    inverse = torch.where(max_abs > 0, torch.full_like(max_abs, INT8_MAX) / max_abs, torch.zeros_like(max_abs))
+    q = torch.round(wide * inverse[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, max_abs / INT8_MAX
+
+
+def dequantize(sums: torch.Tensor, row_scales: torch.Tensor, column_scales: torch.Tensor,
+               residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """int32 sums [T, N] -> sums * row_scale * column_scale (+ residual), in ``dtype``."""
+    y = sums.float() * row_scales[:, None] * column_scales[None, :]
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(dtype)
+
+
+class W8A8Linear:
+    """``layer(x [T, in])`` is ``x @ weight.T`` in int8 arithmetic, in x's dtype;
+    ``layer(x, residual)`` adds ``residual`` before the one rounding to x's dtype.
+
+    weight: [out, in] in any float precision (quantized from as given). ``native`` (CPU) fuses
+    the row quantization and the rescaling into one call each; without it they are torch ops.
+    """
+
+    def __init__(self, weight: torch.Tensor, native: NativeKernels | None = None) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"W8A8Linear takes a 2-D [out, in] weight, got {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        q, scales = quantize_int8(weight)
+        # _int_mm takes [in, out]; the transposed view of the [out, in] rows ran as fast or faster
+        # than a contiguous [in, out] copy at every shape and batch measured, 5x at one row.
+        self._weight_t = q.t()
+        self._scales = scales.float()
+        self._native = native if weight.device.type == "cpu" else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights (and scales) one call reads."""
+        return self._weight_t.numel() + self._scales.numel() * 4
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.shape[0]
+        native = self._native
+        if native is not None:
+            q, row_scales = native.quantize_rows_int8(x)
+            return native.dequantize_int32(torch._int_mm(q, self._weight_t), row_scales, self._scales, residual,
+                                           x.dtype)
+        q, row_scales = quantize_rows(x)
+        if x.device.type == "cuda" and rows < CUDA_MIN_ROWS:
+            q = torch.cat([q, q.new_zeros(CUDA_MIN_ROWS - rows, q.shape[1])])
+        sums = torch._int_mm(q, self._weight_t)[:rows]
+        return dequantize(sums, row_scales, self._scales, residual, x.dtype)
+
+    def __repr__(self) -> str:
+        return f"W8A8Linear(out={self.out_features}, in={self.in_features})"
