@@ -13,6 +13,13 @@
 // Built with -O3 -ffast-math -fopenmp: the loops over the head dimension and over positions
 // vectorize (reductions reassociated, exp through the vector math library). The head dimension
 // is a template parameter for the common sizes, so those loops have fixed trip counts.
+//
+// A bf16 cache with 64 or 128-wide heads on a CPU with AVX512-BF16 (the default CPU path) takes
+// hand-vectorized loops instead: scores by the bf16 dot-product instruction, 16 positions' sums
+// reduced together rather than one horizontal sum each, and the weighted sum of the values kept
+// in registers for GQA groups of up to 4 heads. The same products, summed in another order. On
+// the 2-core Xeon (30 layers' caches, cold, 512-token contexts, 2 threads) a layer's call took
+// 1.93-1.98 -> 1.07-1.15 ms at batch 32 and 421-425 -> 254-270 us at batch 8.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,7 +30,10 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include <immintrin.h>
 
 #include "bf16.h"
 
@@ -62,6 +72,119 @@ inline void for_each_position(const cache_t* cache, const int64_t* table, int64_
   }
 }
 
+#if defined(__AVX512BF16__)
+// Lane p of the result is the sum of v[p]'s 16 lanes: 16 horizontal sums for the price of about
+// three shuffles and adds each, where one at a time costs about ten.
+inline __m512 sum_lanes_16(const __m512* v) {
+  __m512 pairs[8];  // blocks of 4 lanes: v[2i]'s two half sums, then v[2i+1]'s
+  for (int i = 0; i < 8; ++i) {
+    pairs[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  __m512 quads[4];  // block k of quads[j]: four partial sums of v[4j + k]
+  for (int j = 0; j < 4; ++j) {
+    quads[j] = _mm512_add_ps(_mm512_shuffle_f32x4(pairs[2 * j], pairs[2 * j + 1], 0x88),
+                             _mm512_shuffle_f32x4(pairs[2 * j], pairs[2 * j + 1], 0xDD));
+  }
+  const __m512 low = _mm512_add_ps(_mm512_unpacklo_ps(quads[0], quads[1]), _mm512_unpackhi_ps(quads[0], quads[1]));
+  const __m512 high = _mm512_add_ps(_mm512_unpacklo_ps(quads[2], quads[3]), _mm512_unpackhi_ps(quads[2], quads[3]));
+  const __m512 sums = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(low), _mm512_castps_pd(high))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(low), _mm512_castps_pd(high))));
+  // Lane 4k + j of sums holds v[4j + k]'s total.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
+
+// The scores of a GQA group's queries (bf16, contiguous) over one sequence's keys in a bf16
+// cache, 16 positions at a time: the bf16 dot-product instruction multiplies exactly and sums in
+// float32, and the 16 positions' sums are reduced together (sum_lanes_16).
+template <int kHeadDim>
+void bf16_scores(const c10::BFloat16* queries, int64_t group, const c10::BFloat16* k_cache, const int64_t* table,
+                 int64_t length, int64_t head_offset, int64_t block_size, int64_t position_stride, float scale,
+                 float* scores) {
+  constexpr int kChunks = kHeadDim / 32;  // 32 bf16 a register
+  const int64_t block_stride = block_size * position_stride;
+  // Rows [first, first + count) of the sequence, walking the block table (no division a row).
+  auto find_rows = [&](int64_t first, int count, const c10::BFloat16** rows) {
+    if (count == 0) return;  // past the end: the table has no entry to read
+    int64_t block = first / block_size, offset = first % block_size;
+    const c10::BFloat16* block_start = k_cache + table[block] * block_stride + head_offset;
+    for (int i = 0; i < count; ++i) {
+      rows[i] = block_start + offset * position_stride;
+      if (++offset == block_size && i + 1 < count) {
+        offset = 0;
+        block_start = k_cache + table[++block] * block_stride + head_offset;
+      }
+    }
+  };
+  const __m512 scales = _mm512_set1_ps(scale);
+  const c10::BFloat16* rows[16];
+  const c10::BFloat16* next_rows[16];
+  find_rows(0, static_cast<int>(std::min<int64_t>(16, length)), rows);
+  for (int64_t start = 0; start < length; start += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, length - start));
+    // The next 16 rows may lie in another block anywhere in the pool: ask for them now.
+    const int next_count = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(16, length - start - 16)));
+    find_rows(start + 16, next_count, next_rows);
+    for (int i = 0; i < next_count; ++i) {
+      for (int line = 0; line < kHeadDim * 2; line += 64) __builtin_prefetch(reinterpret_cast<const char*>(next_rows[i]) + line);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      __m512bh q[kChunks];
+      for (int c = 0; c < kChunks; ++c) q[c] = (__m512bh)_mm512_loadu_si512(queries + g * kHeadDim + c * 32);
+      __m512 partial[16];
+      for (int i = 0; i < count; ++i) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < kChunks; ++c) acc = _mm512_dpbf16_ps(acc, q[c], (__m512bh)_mm512_loadu_si512(rows[i] + c * 32));
+        partial[i] = acc;
+      }
+      for (int i = count; i < 16; ++i) partial[i] = _mm512_setzero_ps();
+      const __m512 sums = _mm512_mul_ps(sum_lanes_16(partial), scales);
+      _mm512_mask_storeu_ps(scores + g * length + start, static_cast<__mmask16>((1u << count) - 1), sums);
+    }
+    std::copy(next_rows, next_rows + next_count, rows);
+  }
+}
+
+// The group's weighted sums of the values (bf16 cache), accumulated in registers: kGroup query
+// heads x kHeadDim float32 lanes stay in registers across the positions instead of being loaded
+// and stored back for every position.
+template <int kHeadDim, int kGroup>
+void bf16_weighted_values(const float* weights, int64_t length, const c10::BFloat16* v_cache, const int64_t* table,
+                          int64_t head_offset, int64_t block_size, int64_t position_stride, float* acc) {
+  constexpr int kVectors = kHeadDim / 16;  // 16 float32 a register
+  __m512 sums[kGroup][kVectors];
+  for (int g = 0; g < kGroup; ++g)
+    for (int c = 0; c < kVectors; ++c) sums[g][c] = _mm512_setzero_ps();
+  const int64_t block_stride = block_size * position_stride;
+  for (int64_t start = 0; start < length; start += block_size) {
+    const c10::BFloat16* row = v_cache + table[start / block_size] * block_stride + head_offset;
+    const int64_t count = std::min(block_size, length - start);
+    if (start + block_size < length) {
+      const char* next = reinterpret_cast<const char*>(v_cache + table[start / block_size + 1] * block_stride + head_offset);
+      for (int64_t offset = 0; offset < std::min<int64_t>(4, block_size); ++offset)
+        for (int line = 0; line < kHeadDim * 2; line += 64) __builtin_prefetch(next + offset * position_stride * 2 + line);
+    }
+    for (int64_t offset = 0; offset < count; ++offset, row += position_stride) {
+      if (offset + 4 < count) __builtin_prefetch(row + 4 * position_stride);
+      __m512 values[kVectors];
+      for (int c = 0; c < kVectors; ++c) {
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16));
+        values[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+      }
+      const int64_t pos = start + offset;
+      for (int g = 0; g < kGroup; ++g) {
+        const __m512 weight = _mm512_set1_ps(weights[g * length + pos]);
+        for (int c = 0; c < kVectors; ++c) sums[g][c] = _mm512_fmadd_ps(weight, values[c], sums[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < kGroup; ++g)
+    for (int c = 0; c < kVectors; ++c) _mm512_storeu_ps(acc + g * kHeadDim + c * 16, sums[g][c]);
+}
+#endif
+
 // kHeadDim > 0: a compile-time head dimension; 0: use head_dim. q: token t's heads start at
 // q + t * q_stride; out: [num_seqs, num_heads, head_dim] contiguous.
 template <int kHeadDim, typename cache_t, typename out_t>
@@ -91,6 +214,12 @@ void attend(const cache_t* q, int64_t q_stride, const cache_t* k_cache, const ca
       scores.resize(group * length);
 
       // Scores.
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<cache_t, c10::BFloat16> && (kHeadDim == 64 || kHeadDim == 128)) {
+        bf16_scores<kHeadDim>(group_queries, group, k_cache, table, length, kv_head * head_dim, geo.block_size,
+                              position_stride, geo.scale, scores.data());
+      } else
+#endif
       for_each_position(k_cache, table, length, kv_head * head_dim, geo.block_size, position_stride,
                         [&](int64_t pos, const cache_t* k) {
 #pragma omp simd
@@ -121,6 +250,21 @@ void attend(const cache_t* q, int64_t q_stride, const cache_t* k_cache, const ca
 
       // Weighted sum of the values.
       std::fill(acc.begin(), acc.end(), 0.0f);
+      bool summed = false;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<cache_t, c10::BFloat16> && (kHeadDim == 64 || kHeadDim == 128)) {
+        if (group <= 4) {
+          auto weighted = group == 1   ? bf16_weighted_values<kHeadDim, 1>
+                          : group == 2 ? bf16_weighted_values<kHeadDim, 2>
+                          : group == 3 ? bf16_weighted_values<kHeadDim, 3>
+                                       : bf16_weighted_values<kHeadDim, 4>;
+          weighted(scores.data(), length, v_cache, table, kv_head * head_dim, geo.block_size, position_stride,
+                   acc.data());
+          summed = true;
+        }
+      }
+#endif
+      if (!summed)
       for_each_position(v_cache, table, length, kv_head * head_dim, geo.block_size, position_stride,
                         [&](int64_t pos, const cache_t* v) {
 #pragma omp simd
