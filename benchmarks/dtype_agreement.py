@@ -4,6 +4,11 @@ The float32 engine equals Hugging Face token for token (tests/test_engine_parity
 the reference here. For each prompt of the parity set (48 new tokens, EOS ignored) this reports
 where the candidate's greedy tokens first differ and the share of positions that agree.
 
+Free-running greedy decoding magnifies one near-tie into a different continuation, so it also
+reports a teacher-forced figure: for every prefix (the prompt plus the reference's first k
+tokens, k < 48), whether the candidate's greedy next token is the reference's. The reference
+scores itself the same way, as a check (it is 100% up to its own batch-dependent rounding).
+
     python benchmarks/dtype_agreement.py --dtype bfloat16 [--output FILE.json]
     python benchmarks/dtype_agreement.py --weight-format int8
 """
@@ -38,7 +43,8 @@ def main() -> int:
     candidate = f"{args.dtype}/{args.weight_format}"
     if candidate == "float32/dense":
         parser.error("choose a --dtype or --weight-format other than the float32/dense reference")
-    results = {}
+    results: dict[str, list[list[int]]] = {}
+    forced: dict[str, list[list[int]]] = {}
     for label in ("float32/dense", candidate):
         dtype, weight_format = label.split("/")
         model = ModelConfig(dtype=dtype, weight_format=weight_format)
@@ -49,22 +55,35 @@ def main() -> int:
         outputs = llm.generate(prompts, params)
         print(f"{label}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
         results[label] = [o.outputs[0].token_ids for o in outputs]
+        prefixes = [prompt + tokens[:k] for prompt, tokens in zip(prompts, results["float32/dense"], strict=True)
+                    for k in range(NEW_TOKENS)]
+        following = llm.generate(prefixes, SamplingParams(max_tokens=1, ignore_eos=True))
+        next_tokens = [o.outputs[0].token_ids[0] for o in following]
+        forced[label] = [next_tokens[i * NEW_TOKENS : (i + 1) * NEW_TOKENS] for i in range(len(prompts))]
         llm.close()
 
     rows = []
+    forced_shares, self_forced_shares = [], []
     for number, (reference, tokens) in enumerate(zip(results["float32/dense"], results[candidate], strict=True)):
         first_difference = next(
             (i for i, (a, b) in enumerate(zip(reference, tokens, strict=True)) if a != b), None
         )
         agree = sum(a == b for a, b in zip(reference, tokens, strict=True)) / len(reference)
-        rows.append({"prompt": number, "first_difference": first_difference, "positional_agreement": agree})
+        forced_agree = sum(a == b for a, b in zip(reference, forced[candidate][number], strict=True)) / len(reference)
+        self_forced = sum(a == b for a, b in zip(reference, forced["float32/dense"][number], strict=True)) / len(reference)
+        forced_shares.append(forced_agree)
+        self_forced_shares.append(self_forced)
+        rows.append({"prompt": number, "first_difference": first_difference, "positional_agreement": agree,
+                     "teacher_forced_agreement": forced_agree, "reference_teacher_forced_agreement": self_forced})
         shown = "none" if first_difference is None else str(first_difference)
-        print(f"prompt {number:2d}: first difference at {shown:>4}, positional agreement {agree:.0%}")
+        print(f"prompt {number:2d}: first difference at {shown:>4}, positional agreement {agree:.0%}, "
+              f"teacher-forced {forced_agree:.0%} (reference {self_forced:.0%})")
     identical = sum(r["first_difference"] is None for r in rows)
     prefix = [r["first_difference"] if r["first_difference"] is not None else NEW_TOKENS for r in rows]
     print(
         f"{candidate} vs float32/dense: {identical}/{len(rows)} prompts identical over {NEW_TOKENS} tokens; "
-        f"median identical prefix {statistics.median(prefix)} tokens"
+        f"median identical prefix {statistics.median(prefix)} tokens; teacher-forced next-token agreement "
+        f"{statistics.mean(forced_shares):.1%} (the reference against itself: {statistics.mean(self_forced_shares):.1%})"
     )
     if args.output:
         Path(args.output).write_text(json.dumps({"candidate": candidate, "new_tokens": NEW_TOKENS, "prompts": rows}, indent=1))

@@ -29,8 +29,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default="dense",
         choices=list(WEIGHT_FORMATS),
         help="projection weights: dense (default); weight-only int8/int4 kernels that speed up "
-        "CPU decoding (prefill batches still run dense); or w8a8, int8 weights times int8 "
-        "activations (quantized per token), fastest on CPUs with VNNI, at some accuracy",
+        "CPU decoding (prefill batches still run dense); w8a8, int8 weights times int8 "
+        "activations (quantized per token), fastest on CPUs with VNNI, at a cost in accuracy; "
+        "w8a16, the same with activations as two int8 digits: slower than w8a8, nearly as "
+        "accurate as bf16",
     )
     parser.add_argument(
         "--attention",

@@ -8,7 +8,7 @@ native kernel against 2.13 ms by torch's ``_weight_int8pack_mm`` and 3.03 ms by 
 head (2 threads, cold weights; 4 rows: 2.35 / 3.49 / 3.58 ms). Larger batches are bound by
 arithmetic and run dense. Dense models keep a dense head at every batch size: int8 would change
 their logits (it adds 1.2% error to SmolLM2's Q8_0 embedding, see quantization.py). "w8a8"
-models multiply int8 by int8 at every batch size (w8a8_linear.py), the head included: at 32
+and "w8a16" models multiply int8 by int8 at every batch size (w8a8_linear.py), the head included: at 32
 rows it took 2.9 ms where the packed bf16 head took about 15.
 """
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear, quantize_int8
-from pdserve.engine.w8a8_linear import W8A8Linear
+from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, W8A8Linear
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 """x [T, hidden] -> float32 logits [T, vocab]."""
@@ -37,16 +37,16 @@ class LmHead:
     weight: the dense ``[vocab, hidden]`` head in the model's dtype (with tied embeddings, the
     embedding matrix itself, shared, not copied). ``weight_format`` is the model's: int8 and
     int4 add an int8 copy for small batches, run by the native kernel when ``native`` is given,
-    else by torch's int8 kernel (up to 24 rows, its crossover with float32); w8a8 runs every
-    batch in int8 arithmetic. ``onednn`` packs the dense head for oneDNN.
+    else by torch's int8 kernel (up to 24 rows, its crossover with float32); w8a8 and w8a16 run
+    every batch in int8 arithmetic. ``onednn`` packs the dense head for oneDNN.
     """
 
     def __init__(self, weight: torch.Tensor, weight_format: str, native: NativeKernels | None, onednn: bool) -> None:
         self.weight = weight
         quantized = weight_format in ("int8", "int4")
-        if weight_format == "w8a8":
-            w8a8 = W8A8Linear(weight, native)
-            self._dense: tuple[str, Head] = ("w8a8", lambda x: w8a8(x.float()))
+        if weight_format in ACTIVATION_DIGITS:
+            w8a8 = W8A8Linear(weight, native, ACTIVATION_DIGITS[weight_format])
+            self._dense: tuple[str, Head] = (weight_format, lambda x: w8a8(x.float()))
             self._dense_bytes = w8a8.nbytes
         elif onednn:
             packed = OneDnnLinear(weight)
@@ -83,7 +83,7 @@ class LmHead:
         return self._dense
 
     def kernel(self, rows: int) -> str:
-        """Which kernel a batch of ``rows`` runs: native-int8, int8, w8a8, onednn or dense."""
+        """Which kernel a batch of ``rows`` runs: native-int8, int8, w8a8, w8a16, onednn or dense."""
         return self._route(rows)[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

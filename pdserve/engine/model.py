@@ -22,7 +22,7 @@ from pdserve.engine.lm_head import LmHead
 from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
-from pdserve.engine.w8a8_linear import W8A8Linear
+from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, W8A8Linear
 
 Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear | W8A8Linear
 """A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, a dense
@@ -136,8 +136,8 @@ class LlamaModel:
         def project(*names: str) -> Projection:
             """The named weights fused along the output dim ([out, in] each), ready to multiply."""
             weight = torch.cat([stored(name) for name in names])
-            if weight_format == "w8a8":
-                return W8A8Linear(weight, self.native)
+            if weight_format in ACTIVATION_DIGITS:
+                return W8A8Linear(weight, self.native, ACTIVATION_DIGITS[weight_format])
             if weight_format == "dense":
                 if prepack:
                     return packed_bf16(weight)

@@ -85,13 +85,14 @@ class NativeKernels:
     """(gate_up [T, 2 width] contiguous, gate first) -> silu(gate) * up [T, width]."""
     int8_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     """(x [T <= 4, in] contiguous, weight [out, in] int8, scales [out] float32) -> float32 [T, out]."""
-    quantize_rows_int8: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-    """(x [T, in] rows contiguous) -> (q [T, in] int8, scales [T] float32), x ~ q * scale."""
+    quantize_rows_int8: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+    """(x [T, in] rows contiguous, digits 1 or 2) -> (q [digits * T, in] int8, scales [T] float32)
+    (the arithmetic in native/int8_rows.cpp)."""
     dequantize_int32: Callable[
-        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype], torch.Tensor
+        [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.dtype, int], torch.Tensor
     ]
-    """(sums [T, out] int32, row_scales [T], column_scales [out] float32, residual [T, out] or None,
-    dtype) -> sums * row_scale * column_scale (+ residual) [T, out] in dtype."""
+    """(sums [digits * T, out] int32, row_scales [T], column_scales [out] float32, residual [T, out]
+    or None, dtype, digits) -> the rescaled sums (+ residual) [T, out] in dtype."""
 
 
 def build_directory(cache_root: Path) -> Path:

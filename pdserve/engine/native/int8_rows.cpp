@@ -3,9 +3,12 @@
 // In torch each end is five or six ops over the whole batch; a decode step runs 121 such layers.
 //
 // Arithmetic (w8a8_linear.py's torch functions compute the same):
-//   quantize:   scale = max|row| / 127; q = round_half_even(x * (127 / max|row|)), in [-127, 127];
-//               an all-zero row gets scale 0 and q = 0.
-//   dequantize: out = sum * row_scale * column_scale (+ residual), float32, rounded once.
+//   quantize:   scale = max|row| / 127; v = x * (127 / max|row|); q1 = round_half_even(v), in
+//               [-127, 127]; with two digits also q2 = round_half_even((v - q1) * 254), in
+//               [-127, 127] since |v - q1| <= 1/2: x ~ scale * (q1 + q2 / 254), about 15 bits.
+//               An all-zero row gets scale 0 and q = 0. The second digits are rows T..2T-1 of q.
+//   dequantize: out = (sum1 [+ sum2 / 254]) * row_scale * column_scale (+ residual), float32,
+//               rounded once.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,6 +18,9 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
+
+#include <immintrin.h>
 
 #include "bf16.h"
 
@@ -24,76 +30,127 @@ using pdserve_native::narrow;
 using pdserve_native::widen;
 
 constexpr float kInt8Max = 127.0f;
+constexpr float kSecondDigit = 254.0f;  // a first digit's rounding error, +-1/2, spans [-127, 127]
 
-template <typename scalar_t>
+#ifdef __AVX512F__
+inline __m512 load16(const float* values) { return _mm512_loadu_ps(values); }
+
+inline __m512 load16(const c10::BFloat16* values) {  // a bfloat16 is the top half of a float32
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// round half to even, then clamped to [-127, 127]: the digit as a float.
+inline __m512 digit16(__m512 value) {
+  const __m512 rounded = _mm512_roundscale_ps(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(_mm512_set1_ps(kInt8Max), _mm512_max_ps(_mm512_set1_ps(-kInt8Max), rounded));
+}
+
+inline void store16(int8_t* target, __m512 digit) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(target), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(digit)));
+}
+#endif
+
+template <int kDigits, typename scalar_t>
 void quantize(const scalar_t* x, int64_t x_stride, int8_t* q, float* scales, int64_t num_rows, int64_t width) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = x + r * x_stride;
       float max_abs = 0.0f;
-      for (int64_t i = 0; i < width; ++i) max_abs = std::max(max_abs, std::fabs(widen(row[i])));
+      int64_t i = 0;
+#ifdef __AVX512F__
+      __m512 peaks = _mm512_setzero_ps();
+      for (; i + 16 <= width; i += 16) peaks = _mm512_max_ps(peaks, _mm512_abs_ps(load16(row + i)));
+      max_abs = _mm512_reduce_max_ps(peaks);
+#endif
+      for (; i < width; ++i) max_abs = std::max(max_abs, std::fabs(widen(row[i])));
       // In double, rounded once to float: -ffast-math may turn a division into a product by a
       // reciprocal, which in float can miss the correctly rounded quotient torch computes.
       const float inverse = max_abs > 0.0f ? static_cast<float>(127.0 / static_cast<double>(max_abs)) : 0.0f;
       int8_t* target = q + r * width;
-      for (int64_t i = 0; i < width; ++i) {
+      int8_t* second = q + (num_rows + r) * width;
+      i = 0;
+#ifdef __AVX512F__
+      const __m512 inverses = _mm512_set1_ps(inverse);
+      for (; i + 16 <= width; i += 16) {
+        const __m512 value = _mm512_mul_ps(load16(row + i), inverses);
+        const __m512 first = digit16(value);
+        store16(target + i, first);
+        if constexpr (kDigits == 2) {
+          store16(second + i, digit16(_mm512_mul_ps(_mm512_sub_ps(value, first), _mm512_set1_ps(kSecondDigit))));
+        }
+      }
+#endif
+      for (; i < width; ++i) {  // the tail, or every column without AVX-512
         // nearbyint rounds half to even in the default rounding mode, as torch.round does.
-        const float value = std::nearbyint(widen(row[i]) * inverse);
-        target[i] = static_cast<int8_t>(std::min(kInt8Max, std::max(-kInt8Max, value)));
+        const float value = widen(row[i]) * inverse;
+        const float first = std::min(kInt8Max, std::max(-kInt8Max, std::nearbyint(value)));
+        target[i] = static_cast<int8_t>(first);
+        if constexpr (kDigits == 2) {
+          const float rest = std::nearbyint((value - first) * kSecondDigit);
+          second[i] = static_cast<int8_t>(std::min(kInt8Max, std::max(-kInt8Max, rest)));
+        }
       }
       scales[r] = static_cast<float>(static_cast<double>(max_abs) / 127.0);
     }
   });
 }
 
-// x: [rows, width] float32 or bfloat16, rows any stride apart. Returns (q [rows, width] int8,
-// scales [rows] float32).
-std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
+// x: [rows, width] float32 or bfloat16, rows any stride apart; digits: 1 or 2. Returns
+// (q [digits * rows, width] int8, scales [rows] float32).
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x, int64_t digits) {
   TORCH_CHECK(x.device().is_cpu(), "quantize_rows_int8 runs on the CPU");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [rows, width] with contiguous rows");
-  at::Tensor q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
+  at::Tensor q = at::empty({digits * x.size(0), x.size(1)}, x.options().dtype(at::kChar));
   at::Tensor scales = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  auto run = [&](auto* data) {
+    auto quantize_digits = digits == 1 ? quantize<1, std::remove_pointer_t<decltype(data)>>
+                                       : quantize<2, std::remove_pointer_t<decltype(data)>>;
+    quantize_digits(data, x.stride(0), q.data_ptr<int8_t>(), scales.data_ptr<float>(), x.size(0), x.size(1));
+  };
   if (x.scalar_type() == at::kBFloat16) {
-    quantize(x.data_ptr<c10::BFloat16>(), x.stride(0), q.data_ptr<int8_t>(), scales.data_ptr<float>(), x.size(0),
-             x.size(1));
+    run(x.data_ptr<c10::BFloat16>());
   } else {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32 or bfloat16");
-    quantize(x.data_ptr<float>(), x.stride(0), q.data_ptr<int8_t>(), scales.data_ptr<float>(), x.size(0), x.size(1));
+    run(x.data_ptr<float>());
   }
   return {q, scales};
 }
 
 template <typename out_t>
 void rescale(const int32_t* sums, const float* row_scales, const float* column_scales, const out_t* residual,
-             out_t* out, int64_t num_rows, int64_t width) {
+             out_t* out, int64_t num_rows, int64_t width, int64_t digits) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1));
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int32_t* row = sums + r * width;
+      const int32_t* second = sums + (num_rows + r) * width;
       const float row_scale = row_scales[r];
       out_t* target = out + r * width;
-      if (residual == nullptr) {
-        for (int64_t i = 0; i < width; ++i)
-          target[i] = narrow<out_t>(static_cast<float>(row[i]) * row_scale * column_scales[i]);
-      } else {
-        const out_t* add = residual + r * width;
-        for (int64_t i = 0; i < width; ++i)
-          target[i] = narrow<out_t>(static_cast<float>(row[i]) * row_scale * column_scales[i] + widen(add[i]));
+      const out_t* add = residual == nullptr ? nullptr : residual + r * width;
+      for (int64_t i = 0; i < width; ++i) {
+        float sum = static_cast<float>(row[i]);
+        if (digits == 2) sum += static_cast<float>(second[i]) / kSecondDigit;
+        float value = sum * row_scale * column_scales[i];
+        if (add != nullptr) value += widen(add[i]);
+        target[i] = narrow<out_t>(value);
       }
     }
   });
 }
 
-// sums: contiguous [rows, width] int32 (torch._int_mm's output); row_scales [rows] and
-// column_scales [width] float32; residual: None or a contiguous [rows, width] of ``dtype``.
-// Returns [rows, width] of ``dtype`` (float32 or bfloat16).
+// sums: contiguous [digits * rows, width] int32 (torch._int_mm's output, second digits' rows
+// last); row_scales [rows] and column_scales [width] float32; residual: None or a contiguous
+// [rows, width] of ``dtype``. Returns [rows, width] of ``dtype`` (float32 or bfloat16).
 at::Tensor dequantize_int32(const at::Tensor& sums, const at::Tensor& row_scales, const at::Tensor& column_scales,
-                            const std::optional<at::Tensor>& residual, at::ScalarType dtype) {
+                            const std::optional<at::Tensor>& residual, at::ScalarType dtype, int64_t digits) {
   TORCH_CHECK(sums.device().is_cpu(), "dequantize_int32 runs on the CPU");
-  TORCH_CHECK(sums.dim() == 2 && sums.is_contiguous() && sums.scalar_type() == at::kInt,
-              "sums must be a contiguous int32 [rows, width]");
-  const int64_t num_rows = sums.size(0), width = sums.size(1);
+  TORCH_CHECK(digits == 1 || digits == 2, "digits must be 1 or 2");
+  TORCH_CHECK(sums.dim() == 2 && sums.is_contiguous() && sums.scalar_type() == at::kInt && sums.size(0) % digits == 0,
+              "sums must be a contiguous int32 [digits * rows, width]");
+  const int64_t num_rows = sums.size(0) / digits, width = sums.size(1);
   TORCH_CHECK(row_scales.dim() == 1 && row_scales.is_contiguous() && row_scales.scalar_type() == at::kFloat &&
                   row_scales.size(0) == num_rows,
               "row_scales must be a contiguous float32 [rows]");
@@ -110,10 +167,11 @@ at::Tensor dequantize_int32(const at::Tensor& sums, const at::Tensor& row_scales
   if (dtype == at::kBFloat16) {
     rescale(sums.data_ptr<int32_t>(), row_scales.data_ptr<float>(), column_scales.data_ptr<float>(),
             residual.has_value() ? residual->data_ptr<c10::BFloat16>() : nullptr, out.data_ptr<c10::BFloat16>(),
-            num_rows, width);
+            num_rows, width, digits);
   } else {
     rescale(sums.data_ptr<int32_t>(), row_scales.data_ptr<float>(), column_scales.data_ptr<float>(),
-            residual.has_value() ? residual->data_ptr<float>() : nullptr, out.data_ptr<float>(), num_rows, width);
+            residual.has_value() ? residual->data_ptr<float>() : nullptr, out.data_ptr<float>(), num_rows, width,
+            digits);
   }
   return out;
 }
@@ -121,9 +179,9 @@ at::Tensor dequantize_int32(const at::Tensor& sums, const at::Tensor& row_scales
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pdserve, m) {
-  m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("quantize_rows_int8(Tensor x, int digits) -> (Tensor, Tensor)");
   m.def("dequantize_int32(Tensor sums, Tensor row_scales, Tensor column_scales, Tensor? residual, "
-        "ScalarType dtype) -> Tensor");
+        "ScalarType dtype, int digits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
