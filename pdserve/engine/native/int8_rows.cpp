@@ -49,6 +49,21 @@ inline __m512 digit16(__m512 value) {
 inline void store16(int8_t* target, __m512 digit) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(target), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(digit)));
 }
+
+inline void store16(float* target, __m512 values) { _mm512_storeu_ps(target, values); }
+
+inline void store16(c10::BFloat16* target, __m512 values) {
+#ifdef __AVX512BF16__
+  // Round to nearest even, as c10::BFloat16's conversion does.
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(target), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(values)));
+#else
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, values);
+  for (int i = 0; i < 16; ++i) target[i] = narrow<c10::BFloat16>(lanes[i]);
+#endif
+}
+
+inline __m512 widen16(const int32_t* sums) { return _mm512_cvtepi32_ps(_mm512_loadu_si512(sums)); }
 #endif
 
 template <int kDigits, typename scalar_t>
@@ -130,7 +145,18 @@ void rescale(const int32_t* sums, const float* row_scales, const float* column_s
       const float row_scale = row_scales[r];
       out_t* target = out + r * width;
       const out_t* add = residual == nullptr ? nullptr : residual + r * width;
-      for (int64_t i = 0; i < width; ++i) {
+      int64_t i = 0;
+#ifdef __AVX512F__
+      const __m512 row_scales16 = _mm512_set1_ps(row_scale);
+      for (; i + 16 <= width; i += 16) {
+        __m512 sum = widen16(row + i);
+        if (digits == 2) sum = _mm512_add_ps(sum, _mm512_div_ps(widen16(second + i), _mm512_set1_ps(kSecondDigit)));
+        __m512 value = _mm512_mul_ps(_mm512_mul_ps(sum, row_scales16), _mm512_loadu_ps(column_scales + i));
+        if (add != nullptr) value = _mm512_add_ps(value, load16(add + i));
+        store16(target + i, value);
+      }
+#endif
+      for (; i < width; ++i) {  // the tail, or every column without AVX-512
         float sum = static_cast<float>(row[i]);
         if (digits == 2) sum += static_cast<float>(second[i]) / kSecondDigit;
         float value = sum * row_scale * column_scales[i];
