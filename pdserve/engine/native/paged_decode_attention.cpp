@@ -264,18 +264,19 @@ void attend(const cache_t* q, int64_t q_stride, const cache_t* k_cache, const ca
         }
       }
 #endif
-      if (!summed)
-      for_each_position(v_cache, table, length, kv_head * head_dim, geo.block_size, position_stride,
-                        [&](int64_t pos, const cache_t* v) {
+      if (!summed) {
+        for_each_position(v_cache, table, length, kv_head * head_dim, geo.block_size, position_stride,
+                          [&](int64_t pos, const cache_t* v) {
 #pragma omp simd
-                          for (int64_t d = 0; d < head_dim; ++d) row[d] = widen(v[d]);
-                          for (int64_t g = 0; g < group; ++g) {
-                            const float weight = scores[g * length + pos];
-                            float* a = acc.data() + g * head_dim;
+                            for (int64_t d = 0; d < head_dim; ++d) row[d] = widen(v[d]);
+                            for (int64_t g = 0; g < group; ++g) {
+                              const float weight = scores[g * length + pos];
+                              float* a = acc.data() + g * head_dim;
 #pragma omp simd
-                            for (int64_t d = 0; d < head_dim; ++d) a[d] += weight * row[d];
-                          }
-                        });
+                              for (int64_t d = 0; d < head_dim; ++d) a[d] += weight * row[d];
+                            }
+                          });
+      }
       for (int64_t g = 0; g < group; ++g) {
         out_t* o = out + (seq * geo.num_heads + kv_head * group + g) * head_dim;
         const float* a = acc.data() + g * head_dim;
