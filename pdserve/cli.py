@@ -32,7 +32,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "CPU decoding (prefill batches still run dense); w8a8, int8 weights times int8 "
         "activations (quantized per token), fastest on CPUs with VNNI, at a cost in accuracy; "
         "w8a16, the same with activations as two int8 digits: slower than w8a8, nearly as "
-        "accurate as bf16",
+        "accurate as bf16; int4+w8a16: int4 for decode batches, w8a16 above (bf16 CPUs)",
     )
     parser.add_argument(
         "--attention",

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHT_FORMATS = ("dense", "int8", "int4", "w8a8", "w8a16")
+WEIGHT_FORMATS = ("dense", "int8", "int4", "w8a8", "w8a16", "int4+w8a16")
 """ModelConfig.weight_format's choices (ModelConfig's docstring says what each is)."""
 
 
@@ -31,8 +31,9 @@ class ModelConfig:
     """Projection weights: "dense" (the compute dtype); weight-only "int8" / "int4" for CPU
     decoding, which reads every weight each step (prefill batches run dense); "w8a8", int8
     weights times activations quantized to int8 per token on every call (w8a8_linear.py), for
-    CPUs whose int8 dot products outrun their float ones; or "w8a16", the same with each
-    activation carried as two int8 digits, slower than w8a8 and far more accurate
+    CPUs whose int8 dot products outrun their float ones; "w8a16", the same with each
+    activation carried as two int8 digits, slower than w8a8 and far more accurate; or
+    "int4+w8a16", int4 for decode batches of up to 12 rows and w8a16 above, on bf16 CPUs
     (docs/engine.md)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None means the model's trained context length."""

@@ -23,6 +23,7 @@ import torch
 
 from pdserve.engine.onednn_linear import OneDnnLinear
 from pdserve.engine.quantization import PackedLinear
+from pdserve.engine.w8a8_linear import W8A8Linear
 
 ONEDNN_DENSE_ABOVE = {"int8": 4, "int4": 12}
 """Rows above which the packed bf16 copy is faster than the quantized kernel (table above)."""
@@ -32,10 +33,10 @@ class HybridLinear:
     """``layer(x)`` is ``x @ weight.T`` in bf16, by the quantized kernel for up to ``dense_above``
     rows and by the packed bf16 weight above; ``layer(x, residual)`` adds ``residual``."""
 
-    def __init__(self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear) -> None:
+    def __init__(self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear | W8A8Linear) -> None:
         """weight: [out, in] in any float precision, quantized from as given; dense: the same
         weight as the dense model packs it, so batches above the threshold compute exactly what
-        weight_format="dense" computes."""
+        weight_format="dense" computes (or as w8a16 computes it, for "int4+w8a16")."""
         if weight_format not in ONEDNN_DENSE_ABOVE:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized = PackedLinear(weight, weight_format)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear, quantize_int8
-from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, W8A8Linear
+from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, LARGE_BATCH_W8A16, W8A8Linear
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 """x [T, hidden] -> float32 logits [T, vocab]."""
@@ -35,18 +35,20 @@ class LmHead:
     """``head(x [T, hidden]) -> float32 logits [T, vocab]``.
 
     weight: the dense ``[vocab, hidden]`` head in the model's dtype (with tied embeddings, the
-    embedding matrix itself, shared, not copied). ``weight_format`` is the model's: int8 and
-    int4 add an int8 copy for small batches, run by the native kernel when ``native`` is given,
-    else by torch's int8 kernel (up to 24 rows, its crossover with float32); w8a8 and w8a16 run
-    every batch in int8 arithmetic. ``onednn`` packs the dense head for oneDNN.
+    embedding matrix itself, shared, not copied). ``weight_format`` is the model's: int8, int4
+    and int4+w8a16 add an int8 copy for small batches, run by the native kernel when ``native``
+    is given, else by torch's int8 kernel (up to 24 rows, its crossover with float32); w8a8 and
+    w8a16 run every batch in int8 arithmetic, int4+w8a16 the batches above the small ones (as
+    w8a16). ``onednn`` packs the dense head for oneDNN.
     """
 
     def __init__(self, weight: torch.Tensor, weight_format: str, native: NativeKernels | None, onednn: bool) -> None:
         self.weight = weight
-        quantized = weight_format in ("int8", "int4")
-        if weight_format in ACTIVATION_DIGITS:
-            w8a8 = W8A8Linear(weight, native, ACTIVATION_DIGITS[weight_format])
-            self._dense: tuple[str, Head] = (weight_format, lambda x: w8a8(x.float()))
+        quantized = weight_format in ("int8", "int4", LARGE_BATCH_W8A16)
+        if weight_format in ACTIVATION_DIGITS or weight_format == LARGE_BATCH_W8A16:
+            w8a8 = W8A8Linear(weight, native, ACTIVATION_DIGITS.get(weight_format, 2))
+            name = "w8a16" if weight_format == LARGE_BATCH_W8A16 else weight_format
+            self._dense: tuple[str, Head] = (name, lambda x: w8a8(x.float()))
             self._dense_bytes = w8a8.nbytes
         elif onednn:
             packed = OneDnnLinear(weight)

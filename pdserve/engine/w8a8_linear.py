@@ -44,6 +44,9 @@ SECOND_DIGIT = 254.0
 ACTIVATION_DIGITS = {"w8a8": 1, "w8a16": 2}
 """The weight formats this layer implements, and the int8 digits each carries an activation in."""
 
+LARGE_BATCH_W8A16 = "int4+w8a16"
+"""The format whose decode batches run int4 and whose larger batches run this layer, two digits."""
+
 CUDA_MIN_ROWS = 17
 """``torch._int_mm`` on CUDA takes only more than 16 rows; smaller batches are padded."""
 
