@@ -175,3 +175,27 @@ def make_float32_llm(
         show_progress=False,
     )
     return LLM(config=config, checkpoint=checkpoint)
+
+
+CAPITAL_PROMPT = (
+    "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
+)
+"""A prompt whose greedy answer every engine configuration should get right: " Paris"."""
+
+
+def make_small_llm(checkpoint: Checkpoint, dtype: str, weight_format: str) -> LLM:
+    """An engine with a small KV pool (64 blocks) in the given dtype and weight format."""
+    config = EngineConfig(
+        model=ModelConfig(dtype=dtype, weight_format=weight_format),
+        cache=CacheConfig(num_blocks=64),
+        show_progress=False,
+    )
+    return LLM(config=config, checkpoint=checkpoint)
+
+
+def capital_answer(llm: LLM) -> str:
+    """The first four greedy tokens' text after CAPITAL_PROMPT."""
+    from pdserve.engine.sampling_params import SamplingParams
+
+    (output,) = llm.generate(CAPITAL_PROMPT, SamplingParams(max_tokens=4))
+    return output.outputs[0].text

@@ -7,18 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures_model import checkpoint  # noqa: F401
+from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F401
 from fixtures_native import seeded_randn
 
-from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
-from pdserve.engine.llm import LLM
 from pdserve.engine.lm_head import NATIVE_INT8_MAX_ROWS, LmHead
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import PackedLinear, quantize_int8
-from pdserve.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 needs_onednn_bf16 = pytest.mark.skipif(
@@ -101,18 +98,12 @@ def test_hybrid_linear_runs_the_packed_bf16_copy_above_its_threshold(weight_form
 def test_a_bf16_int4_engine_answers_like_the_dense_one(checkpoint: Checkpoint) -> None:  # noqa: F811
     """Its layers are hybrids (int4 for the decode, the bf16 copy for the 40-token prefill) and
     its head runs the native int8 kernel; greedy decoding still finds the answer."""
-    config = EngineConfig(
-        model=ModelConfig(dtype="bfloat16", weight_format="int4"),
-        cache=CacheConfig(num_blocks=64),
-        show_progress=False,
-    )
-    llm = LLM(config=config, checkpoint=checkpoint)
+    llm = make_small_llm(checkpoint, "bfloat16", "int4")
     try:
         model = llm.engine.model
         assert isinstance(model.layers[0].gate_up, HybridLinear)
         assert model.lm_head.kernel(1) == ("native-int8" if model.native is not None else "onednn")
-        prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
-        (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
+        answer = capital_answer(llm)
     finally:
         llm.close()
-    assert output.outputs[0].text.startswith(" Paris")
+    assert answer.startswith(" Paris")

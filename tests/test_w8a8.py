@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures_model import checkpoint  # noqa: F401
+from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F401
 from fixtures_native import seeded_randn
 
-from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
-from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import onednn_bf16_available
 from pdserve.engine.quantization import quantize_int8
-from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.w8a8_linear import W8A8Linear, dequantize, quantize_rows
 
 
@@ -140,33 +137,22 @@ def test_a_w8a8_engine_answers_like_the_dense_one(checkpoint: Checkpoint, dtype:
                                                   weight_format: str) -> None:
     """bfloat16 runs the native quantizer and rescaler, float32 (no native kernels by default) the
     torch ones; both multiply in int8, the head included, and find the answer."""
-    config = EngineConfig(
-        model=ModelConfig(dtype=dtype, weight_format=weight_format),
-        cache=CacheConfig(num_blocks=64),
-        show_progress=False,
-    )
-    llm = LLM(config=config, checkpoint=checkpoint)
+    llm = make_small_llm(checkpoint, dtype, weight_format)
     try:
         model = llm.engine.model
         assert isinstance(model.layers[0].gate_up, W8A8Linear) and isinstance(model.layers[-1].qkv, W8A8Linear)
         assert model.layers[0].gate_up.activation_digits == (2 if weight_format == "w8a16" else 1)
         assert model.lm_head.kernel(1) == model.lm_head.kernel(64) == weight_format
-        prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
-        (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
+        answer = capital_answer(llm)
     finally:
         llm.close()
-    assert output.outputs[0].text.startswith(" Paris")
+    assert answer.startswith(" Paris")
 
 
 @pytest.mark.skipif(not onednn_bf16_available(torch.device("cpu"), torch.bfloat16),
                     reason="int4 decode layers need bf16 kernels")
 def test_an_int4_w8a16_engine_decodes_int4_and_prefills_w8a16(checkpoint: Checkpoint) -> None:  # noqa: F811
-    config = EngineConfig(
-        model=ModelConfig(dtype="bfloat16", weight_format="int4+w8a16"),
-        cache=CacheConfig(num_blocks=64),
-        show_progress=False,
-    )
-    llm = LLM(config=config, checkpoint=checkpoint)
+    llm = make_small_llm(checkpoint, "bfloat16", "int4+w8a16")
     try:
         model = llm.engine.model
         layer = model.layers[0].gate_up
@@ -178,8 +164,7 @@ def test_an_int4_w8a16_engine_decodes_int4_and_prefills_w8a16(checkpoint: Checkp
         x = seeded_randn(13, 576, seed=4).bfloat16()
         assert torch.equal(layer(x), layer.dense(x))
         assert torch.equal(layer(x[:1]), layer.quantized.matmul(x[:1]))
-        prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
-        (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
+        answer = capital_answer(llm)
     finally:
         llm.close()
-    assert output.outputs[0].text.startswith(" Paris")
+    assert answer.startswith(" Paris")
