@@ -31,7 +31,8 @@ ONEDNN_DENSE_ABOVE = {"int8": 4, "int4": 12}
 
 class HybridLinear:
     """``layer(x)`` is ``x @ weight.T`` in bf16, by the quantized kernel for up to ``dense_above``
-    rows and by the packed bf16 weight above; ``layer(x, residual)`` adds ``residual``."""
+    rows and by the dense layer above (the packed bf16 weight, or for "int4+w8a16" a w8a16
+    layer); ``layer(x, residual)`` adds ``residual``."""
 
     def __init__(self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear | W8A8Linear) -> None:
         """weight: [out, in] in any float precision, quantized from as given; dense: the same
