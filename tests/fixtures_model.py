@@ -16,6 +16,7 @@ import torch
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint, load_checkpoint, resolve_model_path
+from pdserve.engine.sampling_params import SamplingParams
 
 
 @functools.lru_cache(maxsize=1)
@@ -195,7 +196,5 @@ def make_small_llm(checkpoint: Checkpoint, dtype: str, weight_format: str) -> LL
 
 def capital_answer(llm: LLM) -> str:
     """The first four greedy tokens' text after CAPITAL_PROMPT."""
-    from pdserve.engine.sampling_params import SamplingParams
-
     (output,) = llm.generate(CAPITAL_PROMPT, SamplingParams(max_tokens=4))
     return output.outputs[0].text

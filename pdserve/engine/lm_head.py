@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear, quantize_int8
-from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, LARGE_BATCH_W8A16, W8A8Linear
+from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, INT4_DECODE_W8A16, W8A8Linear, format_name
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 """x [T, hidden] -> float32 logits [T, vocab]."""
@@ -44,11 +44,10 @@ class LmHead:
 
     def __init__(self, weight: torch.Tensor, weight_format: str, native: NativeKernels | None, onednn: bool) -> None:
         self.weight = weight
-        quantized = weight_format in ("int8", "int4", LARGE_BATCH_W8A16)
-        if weight_format in ACTIVATION_DIGITS or weight_format == LARGE_BATCH_W8A16:
-            w8a8 = W8A8Linear(weight, native, ACTIVATION_DIGITS.get(weight_format, 2))
-            name = "w8a16" if weight_format == LARGE_BATCH_W8A16 else weight_format
-            self._dense: tuple[str, Head] = (name, lambda x: w8a8(x.float()))
+        quantized = weight_format in ("int8", "int4", INT4_DECODE_W8A16)
+        if weight_format in ACTIVATION_DIGITS:
+            w8a8 = W8A8Linear(weight, native, ACTIVATION_DIGITS[weight_format])
+            self._dense: tuple[str, Head] = (format_name(w8a8.activation_digits), lambda x: w8a8(x.float()))
             self._dense_bytes = w8a8.nbytes
         elif onednn:
             packed = OneDnnLinear(weight)

@@ -22,7 +22,7 @@ from pdserve.engine.lm_head import LmHead
 from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
-from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, LARGE_BATCH_W8A16, W8A8Linear
+from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, INT4_DECODE_W8A16, W8A8Linear
 
 Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear | W8A8Linear
 """A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, a dense
@@ -137,12 +137,12 @@ class LlamaModel:
             """The named weights fused along the output dim ([out, in] each), ready to multiply."""
             weight = torch.cat([stored(name) for name in names])
             if weight_format in ACTIVATION_DIGITS:
-                return W8A8Linear(weight, self.native, ACTIVATION_DIGITS[weight_format])
-            if weight_format == LARGE_BATCH_W8A16:
-                # int4 where a decode batch reads weights, w8a16 where a prefill chunk multiplies;
-                # without bf16 kernels for the int4 half, w8a16 throughout.
-                large = W8A8Linear(weight, self.native, activation_digits=2)
-                return HybridLinear(weight, "int4", dense=large) if prepack else large
+                int8 = W8A8Linear(weight, self.native, ACTIVATION_DIGITS[weight_format])
+                # int4+w8a16: int4 where a decode batch reads weights, w8a16 where a prefill chunk
+                # multiplies; without bf16 kernels for the int4 half, w8a16 throughout.
+                if weight_format == INT4_DECODE_W8A16 and prepack:
+                    return HybridLinear(weight, "int4", dense=int8)
+                return int8
             if weight_format == "dense":
                 if prepack:
                     return packed_bf16(weight)

@@ -4,6 +4,10 @@
 
 #include <c10/util/BFloat16.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include <cstdint>
 #include <cstring>
 
@@ -21,5 +25,15 @@ inline float widen(c10::BFloat16 value) {
 
 template <typename T>
 inline T narrow(float value) { return static_cast<T>(value); }  // bfloat16: round to nearest even
+
+#ifdef __AVX512F__
+// 16 consecutive values widened to float32 lanes, as widen() does one.
+inline __m512 widen16(const float* values) { return _mm512_loadu_ps(values); }
+
+inline __m512 widen16(const c10::BFloat16* values) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#endif
 
 }  // namespace pdserve_native

@@ -28,18 +28,12 @@ namespace {
 
 using pdserve_native::narrow;
 using pdserve_native::widen;
+using pdserve_native::widen16;
 
 constexpr float kInt8Max = 127.0f;
 constexpr float kSecondDigit = 254.0f;  // a first digit's rounding error, +-1/2, spans [-127, 127]
 
 #ifdef __AVX512F__
-inline __m512 load16(const float* values) { return _mm512_loadu_ps(values); }
-
-inline __m512 load16(const c10::BFloat16* values) {  // a bfloat16 is the top half of a float32
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 // round half to even, then clamped to [-127, 127]: the digit as a float.
 inline __m512 digit16(__m512 value) {
   const __m512 rounded = _mm512_roundscale_ps(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -76,7 +70,7 @@ void quantize(const scalar_t* x, int64_t x_stride, int8_t* q, float* scales, int
       int64_t i = 0;
 #ifdef __AVX512F__
       __m512 peaks = _mm512_setzero_ps();
-      for (; i + 16 <= width; i += 16) peaks = _mm512_max_ps(peaks, _mm512_abs_ps(load16(row + i)));
+      for (; i + 16 <= width; i += 16) peaks = _mm512_max_ps(peaks, _mm512_abs_ps(widen16(row + i)));
       max_abs = _mm512_reduce_max_ps(peaks);
 #endif
       for (; i < width; ++i) max_abs = std::max(max_abs, std::fabs(widen(row[i])));
@@ -89,7 +83,7 @@ void quantize(const scalar_t* x, int64_t x_stride, int8_t* q, float* scales, int
 #ifdef __AVX512F__
       const __m512 inverses = _mm512_set1_ps(inverse);
       for (; i + 16 <= width; i += 16) {
-        const __m512 value = _mm512_mul_ps(load16(row + i), inverses);
+        const __m512 value = _mm512_mul_ps(widen16(row + i), inverses);
         const __m512 first = digit16(value);
         store16(target + i, first);
         if constexpr (kDigits == 2) {
@@ -152,7 +146,7 @@ void rescale(const int32_t* sums, const float* row_scales, const float* column_s
         __m512 sum = widen16(row + i);
         if (digits == 2) sum = _mm512_add_ps(sum, _mm512_div_ps(widen16(second + i), _mm512_set1_ps(kSecondDigit)));
         __m512 value = _mm512_mul_ps(_mm512_mul_ps(sum, row_scales16), _mm512_loadu_ps(column_scales + i));
-        if (add != nullptr) value = _mm512_add_ps(value, load16(add + i));
+        if (add != nullptr) value = _mm512_add_ps(value, widen16(add + i));
         store16(target + i, value);
       }
 #endif

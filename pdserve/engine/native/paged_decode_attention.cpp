@@ -169,10 +169,7 @@ void bf16_weighted_values(const float* weights, int64_t length, const c10::BFloa
     for (int64_t offset = 0; offset < count; ++offset, row += position_stride) {
       if (offset + 4 < count) __builtin_prefetch(row + 4 * position_stride);
       __m512 values[kVectors];
-      for (int c = 0; c < kVectors; ++c) {
-        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16));
-        values[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-      }
+      for (int c = 0; c < kVectors; ++c) values[c] = pdserve_native::widen16(row + c * 16);
       const int64_t pos = start + offset;
       for (int g = 0; g < kGroup; ++g) {
         const __m512 weight = _mm512_set1_ps(weights[g * length + pos]);
