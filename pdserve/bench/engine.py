@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 
+from pdserve.runtime.exit_status import describe_exit
+
 if TYPE_CHECKING:
     from pdserve.engine.config import EngineConfig
     from pdserve.engine.llm_engine import LLMEngine
@@ -492,7 +494,7 @@ def _run_side(side: str, plan: BenchPlan) -> dict[str, Any]:
         others = OtherCpuMeter()
         completed = subprocess.run(command, stdout=sys.stderr.fileno(), env=env, check=False)
         if completed.returncode != 0 or not result_path.exists():
-            raise SideFailedError(f"the {side} side of the benchmark failed (exit {completed.returncode})")
+            raise SideFailedError(f"the {side} side of the benchmark failed ({describe_exit(completed.returncode)})")
         result: dict[str, Any] = json.loads(result_path.read_text())
     result["other_cpu_percent"] = others.percent()
     log("bench", f"other processes used {result['other_cpu_percent']:.0f}% of the CPU meanwhile")

@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
+from pdserve.runtime.exit_status import describe_exit
+
 READY = "pdserve-neighbour-load: decoding"
 
 
@@ -61,7 +63,7 @@ class NeighbourLoad:
             if line.startswith(READY.encode()):
                 return self
         self._stop()
-        raise RuntimeError(f"the neighbour load did not start (exit status {process.returncode}): "
+        raise RuntimeError(f"the neighbour load did not start ({describe_exit(process.returncode)}): "
                            f"{' '.join(self._command)}")
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

@@ -23,6 +23,7 @@ from typing import IO, Any
 import zmq
 
 from pdserve.runtime.engine_process import READY_PREFIX, EngineProcessConfig
+from pdserve.runtime.exit_status import describe_exit
 from pdserve.runtime.protocol import is_last_event
 
 
@@ -178,7 +179,9 @@ class EngineProcess:
         left = deadline - time.monotonic()
         if left <= 0 or not self._socket.poll(int(min(left, 0.5) * 1000)):
             if not self.is_alive():
-                raise EngineProcessError(f"the engine process died while waiting for {what}")
+                assert self._process is not None
+                how = describe_exit(self._process.returncode)
+                raise EngineProcessError(f"the engine process died ({how}) while waiting for {what}")
             if time.monotonic() >= deadline:
                 raise EngineProcessError(f"timed out waiting for {what}", status=504)
             return
@@ -210,6 +213,6 @@ def _read_ready_line(process: subprocess.Popen[str], stdout: IO[str], timeout: f
             if line.startswith(READY_PREFIX):
                 return dict(json.loads(line[len(READY_PREFIX) :]))
             if line == "" and process.poll() is not None:
-                raise EngineProcessError(f"the engine process exited with {process.returncode} before it was ready")
+                raise EngineProcessError(f"the engine process ended ({describe_exit(process.returncode)}) before it was ready")
         elif process.poll() is not None:
-            raise EngineProcessError(f"the engine process exited with {process.returncode} before it was ready")
+            raise EngineProcessError(f"the engine process ended ({describe_exit(process.returncode)}) before it was ready")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="EngineProcessConfig as JSON")
     args = parser.parse_args(argv)
     die_with_parent()
+    # A crash in native code (a kernel, a mapping) then prints every thread's Python stack.
+    faulthandler.enable()
     configure_logging("engine")
     serve(EngineProcessConfig.from_json(args.config))
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from pdserve.runtime.exit_status import describe_exit
+
 MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 30.0, 60.0
 
 
@@ -60,7 +62,8 @@ class ProcessGroup:
                     continue
                 uptime = time.monotonic() - member.started
                 member.backoff = MIN_BACKOFF if uptime > STABLE_AFTER else min(member.backoff * 2, MAX_BACKOFF)
-                self._log(f"{member.name} exited with {member.process.returncode}; restarting in {member.backoff:.0f} s")
+                how = describe_exit(member.process.returncode)
+                self._log(f"{member.name} ended ({how}); restarting in {member.backoff:.0f} s")
                 if self._stopping.wait(member.backoff):
                     return
                 member.process = subprocess.Popen([sys.executable, *member.argv])
@@ -74,7 +77,7 @@ class ProcessGroup:
         while pending:
             for member in list(pending):
                 if member.process.poll() is not None:
-                    raise RuntimeError(f"{member.name} exited with code {member.process.returncode} while starting")
+                    raise RuntimeError(f"{member.name} ended ({describe_exit(member.process.returncode)}) while starting")
                 try:
                     if httpx.get(f"{member.url}/health", timeout=1.0).status_code == 200:
                         pending.remove(member)

@@ -8,6 +8,7 @@ then answers ``/health`` — so "healthy" means "ready to serve".
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -57,6 +58,8 @@ def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[En
 def run_worker(args: argparse.Namespace) -> int:
     if args.exit_with_parent:
         die_with_parent()
+    # A crash in native code (a kernel, a mapping) then prints every thread's Python stack.
+    faulthandler.enable()
     configure_logging(args.role, args.log_level, json_lines=not args.plain_logs)
     check_internal_secret(args.host, args.internal_secret)  # before minutes of model loading
     num_threads = args.threads

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import httpx
 
+from pdserve.runtime.exit_status import describe_exit
+
 PEER_SCRIPTS = Path(__file__).resolve().parents[3] / "benchmarks" / "peers"
 """The peers' set-up scripts, in a source checkout (they are not part of the installed package)."""
 
@@ -96,7 +98,7 @@ class RunningTarget:
             if self.process.poll() is not None:
                 self._log.close()
                 tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-                raise RuntimeError(f"{target.name} exited with {self.process.returncode}: {tail} (log: {log_path})")
+                raise RuntimeError(f"{target.name} ended ({describe_exit(self.process.returncode)}): {tail} (log: {log_path})")
             try:
                 if httpx.get(f"{self.url}{target.ready_path}", timeout=1).status_code == 200:
                     return
