@@ -11,6 +11,7 @@ from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F
 from fixtures_native import seeded_randn
 
 from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
+from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
 from pdserve.engine.lm_head import NATIVE_INT8_MAX_ROWS, LmHead
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.native_kernels import NativeKernels
@@ -92,6 +93,21 @@ def test_hybrid_linear_runs_the_packed_bf16_copy_above_its_threshold(weight_form
     assert PackedLinear(weight, "dense").kernel is None
     with pytest.raises(ValueError, match="quantizes to one of"):
         HybridLinear(weight, "dense", dense=dense)
+
+
+@needs_onednn_bf16
+def test_an_int4_hybrid_runs_the_native_int4_kernel_where_built(native: NativeKernels) -> None:
+    if not int4_linear_available(native):
+        pytest.skip("the int4 kernel needs AVX512-VNNI")
+    weight = seeded_randn(96, 128) * 0.05
+    hybrid = HybridLinear(weight, "int4", dense=OneDnnLinear(weight.bfloat16()), native=native)
+    assert isinstance(hybrid.quantized, Int4Linear)
+    x = seeded_randn(ONEDNN_DENSE_ABOVE["int4"], 128, seed=1).bfloat16()
+    residual = seeded_randn(x.shape[0], 96, seed=2).bfloat16()
+    assert torch.equal(hybrid(x), Int4Linear(weight, native)(x))
+    assert torch.equal(hybrid(x, residual), Int4Linear(weight, native)(x, residual))
+    # The same weights as torch's int4 kernel multiplies (both exact 4-bit groups): close results.
+    torch.testing.assert_close(hybrid(x).float(), PackedLinear(weight, "int4").matmul(x).float(), rtol=0.02, atol=0.02)
 
 
 @needs_onednn_bf16

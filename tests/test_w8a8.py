@@ -9,10 +9,11 @@ from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F
 from fixtures_native import seeded_randn
 
 from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
+from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import onednn_bf16_available
-from pdserve.engine.quantization import quantize_int8
+from pdserve.engine.quantization import PackedLinear, quantize_int8
 from pdserve.engine.w8a8_linear import W8A8Linear, dequantize, quantize_rows
 
 
@@ -163,6 +164,9 @@ def test_an_int4_w8a16_engine_decodes_int4_and_prefills_w8a16(checkpoint: Checkp
         # A decode row runs the int4 kernel, a 13-row chunk the w8a16 layer, bit for bit.
         x = seeded_randn(13, 576, seed=4).bfloat16()
         assert torch.equal(layer(x), layer.dense(x))
+        # (the native int4 x int8 kernel where the CPU has VNNI, as this one has; else torch's)
+        expected_type = Int4Linear if int4_linear_available(model.native) else PackedLinear
+        assert isinstance(layer.quantized, expected_type)
         assert torch.equal(layer(x[:1]), layer.quantized.matmul(x[:1]))
         answer = capital_answer(llm)
     finally:

@@ -15,12 +15,20 @@ the crossover moves little between shapes)::
 
 so int4 runs up to 12 rows and int8 up to 4 (``ONEDNN_DENSE_ABOVE``). The bf16 copy costs two
 bytes a weight beside the quantized ones: for SmolLM2-135M, 255 MB beside 66 MB of int4.
+
+Where the native kernels have the int4 x int8 kernel (AVX512-VNNI, int4_linear.py), int4 layers
+run it instead of torch's int4 kernel: it multiplies nibbles by the activations' int8 digits
+rather than unpacking them to bf16.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
+from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.onednn_linear import OneDnnLinear
 from pdserve.engine.quantization import PackedLinear
 from pdserve.engine.w8a8_linear import W8A8Linear
@@ -34,23 +42,36 @@ class HybridLinear:
     rows and by the dense layer above (the packed bf16 weight, or for "int4+w8a16" a w8a16
     layer); ``layer(x, residual)`` adds ``residual``."""
 
-    def __init__(self, weight: torch.Tensor, weight_format: str, dense: OneDnnLinear | W8A8Linear) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_format: str,
+        dense: OneDnnLinear | W8A8Linear,
+        native: NativeKernels | None = None,
+    ) -> None:
         """weight: [out, in] in any float precision, quantized from as given; dense: the same
         weight as the dense model packs it, so batches above the threshold compute exactly what
-        weight_format="dense" computes (or as w8a16 computes it, for "int4+w8a16")."""
+        weight_format="dense" computes (or as w8a16 computes it, for "int4+w8a16"); native: the
+        kernels, whose int4 x int8 kernel int4 layers use where it was built."""
         if weight_format not in ONEDNN_DENSE_ABOVE:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
-        self.quantized = PackedLinear(weight, weight_format)
+        self.quantized: PackedLinear | Int4Linear
+        self._small: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+        if weight_format == "int4" and int4_linear_available(native):
+            assert native is not None
+            self.quantized = self._small = Int4Linear(weight, native)
+        else:
+            self.quantized = PackedLinear(weight, weight_format)
+            kernel = self.quantized.kernel
+            assert kernel is not None  # a quantized format has one
+            self._small = lambda x, residual: kernel(x) if residual is None else residual + kernel(x)
         self.dense = dense
         self.dense_above = ONEDNN_DENSE_ABOVE[weight_format]
-        assert self.quantized.kernel is not None  # a quantized format has one
-        self._kernel = self.quantized.kernel
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] > self.dense_above:
             return self.dense(x, residual)
-        y = self._kernel(x.contiguous())
-        return y if residual is None else residual + y
+        return self._small(x.contiguous(), residual)
 
     def __repr__(self) -> str:
         return f"HybridLinear({self.quantized!r}, dense_above={self.dense_above})"

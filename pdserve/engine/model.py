@@ -141,7 +141,7 @@ class LlamaModel:
                 # int4+w8a16: int4 where a decode batch reads weights, w8a16 where a prefill chunk
                 # multiplies; without bf16 kernels for the int4 half, w8a16 throughout.
                 if weight_format == INT4_DECODE_W8A16 and prepack:
-                    return HybridLinear(weight, "int4", dense=int8)
+                    return HybridLinear(weight, "int4", dense=int8, native=self.native)
                 return int8
             if weight_format == "dense":
                 if prepack:
@@ -153,7 +153,7 @@ class LlamaModel:
             # the checkpoint's own precision, not the model dtype's rounding of it, gives a
             # Q4_1 matrix back exactly (quantization.py).
             if prepack:
-                return HybridLinear(weight, weight_format, dense=packed_bf16(weight))
+                return HybridLinear(weight, weight_format, dense=packed_bf16(weight), native=self.native)
             return PackedLinear(weight, weight_format, dense_above=DEFAULT_DENSE_ABOVE[weight_format])
 
         self.weight_format = weight_format

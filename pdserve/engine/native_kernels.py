@@ -52,10 +52,10 @@ SOURCES = tuple(
     NATIVE_DIRECTORY / name
     for name in (
         "paged_decode_attention.cpp", "rope_write_kv.cpp", "rms_norm.cpp", "silu_and_mul.cpp", "int8_linear.cpp",
-        "int8_rows.cpp",
+        "int8_rows.cpp", "int4_linear.cpp",
     )
 )
-HEADERS = (NATIVE_DIRECTORY / "bf16.h",)
+HEADERS = (NATIVE_DIRECTORY / "bf16.h", NATIVE_DIRECTORY / "int8_digits.h")
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 EXTENSION_NAME = "pdserve_native_kernels"
@@ -93,6 +93,11 @@ class NativeKernels:
     ]
     """(sums [digits * T, out] int32, row_scales [T], column_scales [out] float32, residual [T, out]
     or None, dtype, digits) -> the rescaled sums (+ residual) [T, out] in dtype."""
+    int4_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    """(x [T, in] contiguous float32/bf16, packed [out / 16, in / 32, 320] uint8, residual [T, out]
+    or None) -> [T, out] in x's dtype (int4_linear.py packs; needs ``int4_vnni``)."""
+    int4_vnni: bool
+    """Whether this build has the int4 kernel (AVX512-VNNI); without it int4_linear raises."""
 
 
 def build_directory(cache_root: Path) -> Path:
@@ -134,7 +139,8 @@ def load_native_kernels() -> NativeKernels | None:
     # and a decode step makes a few hundred calls.
     return NativeKernels(ops.paged_decode_attention.default, ops.paged_decode_attention_into.default,
                          ops.rope_write_kv.default, ops.rms_norm.default, ops.silu_and_mul.default,
-                         ops.int8_linear.default, ops.quantize_rows_int8.default, ops.dequantize_int32.default)
+                         ops.int8_linear.default, ops.quantize_rows_int8.default, ops.dequantize_int32.default,
+                         ops.int4_linear.default, bool(ops.int4_vnni_available()))
 
 
 def _cpu_flags() -> str:
