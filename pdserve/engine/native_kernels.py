@@ -12,6 +12,8 @@ registered as ``torch.ops.pdserve.*``:
 - ``quantize_rows_int8`` and ``dequantize_int32``: the two ends of an int8 x int8 layer
   (w8a8_linear.py), activations to int8 by row before ``torch._int_mm``, its sums scaled back
   after it.
+- ``int4_linear``: x @ W.T for a few rows against 4-bit weights, the activations as two int8
+  digits multiplied in integer arithmetic (AVX512-VNNI; int4_linear.py).
 
 Why kernels of our own: decode attention in plain torch first gathers every sequence's context
 out of the paged cache into a contiguous copy (``index_select``), then runs SDPA on it. At batch 8

@@ -3,10 +3,7 @@
 // In torch each end is five or six ops over the whole batch; a decode step runs 121 such layers.
 //
 // Arithmetic (w8a8_linear.py's torch functions compute the same):
-//   quantize:   scale = max|row| / 127; v = x * (127 / max|row|); q1 = round_half_even(v), in
-//               [-127, 127]; with two digits also q2 = round_half_even((v - q1) * 254), in
-//               [-127, 127] since |v - q1| <= 1/2: x ~ scale * (q1 + q2 / 254), about 15 bits.
-//               An all-zero row gets scale 0 and q = 0. The second digits are rows T..2T-1 of q.
+//   quantize:   one or two int8 digits a value (int8_digits.h, shared with int4_linear.cpp).
 //   dequantize: out = (sum1 [+ sum2 / 254]) * row_scale * column_scale (+ residual), float32,
 //               rounded once.
 
