@@ -7,7 +7,7 @@ import pytest
 import torch
 from fixtures_native import seeded_randn
 
-from pdserve.engine.int4_linear import Int4Linear, int4_linear_available, pack_int4
+from pdserve.engine.int4_linear import Int4Linear, int4_linear_available, pack_int4, unpack_int4
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.quantization import quantize_int4
 
@@ -30,11 +30,16 @@ def two_digit_activations(kernels: NativeKernels, x: torch.Tensor) -> torch.Tens
 def test_packing_keeps_every_weight_and_group_constant() -> None:
     weight = seeded_randn(48, 96) * 0.05
     q, scales, mins = quantize_int4(weight, 32)
-    layer = Int4Linear.__new__(Int4Linear)  # the packing alone: no kernel needed
-    layer.out_features, layer.in_features, layer.packed = 48, 96, pack_int4(q, scales, mins)
+    packed = pack_int4(q, scales, mins)
     expected = q.float() * scales.half().float().repeat_interleave(32, 1) + mins.half().float().repeat_interleave(32, 1)
-    assert torch.equal(layer.dequantized(), expected)
-    assert layer.packed.shape == (3, 3, 320) and layer.packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), expected)
+    assert packed.shape == (3, 3, 320) and packed.dtype == torch.uint8
+    # The first row block's first group: row 1's inputs 0..3 in the low nibbles of bytes 4..7,
+    # its inputs 4..7 in their high nibbles (the layout the kernel's comment describes).
+    assert (packed[0, 0, 4:8] & 0x0F).tolist() == q[1, 0:4].tolist()
+    assert (packed[0, 0, 4:8] >> 4).tolist() == q[1, 4:8].tolist()
+    with pytest.raises(ValueError, match="fp16"):
+        pack_int4(q, scales * 1e9, mins)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 12])

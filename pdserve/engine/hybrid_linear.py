@@ -57,9 +57,15 @@ class HybridLinear:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized: PackedLinear | Int4Linear
         self._small: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+        native_int4 = None
         if weight_format == "int4" and int4_linear_available(native):
             assert native is not None
-            self.quantized = self._small = Int4Linear(weight, native)
+            try:
+                native_int4 = Int4Linear(weight, native)
+            except ValueError:  # group constants beyond fp16's range: torch's kernel takes bf16 ones
+                native_int4 = None
+        if native_int4 is not None:
+            self.quantized = self._small = native_int4
         else:
             self.quantized = PackedLinear(weight, weight_format)
             kernel = self.quantized.kernel

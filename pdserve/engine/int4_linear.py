@@ -49,10 +49,27 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torc
     packed = packed.permute(0, 2, 3, 1, 4).reshape(blocks, groups, 256)  # [block, group, c, row, b]
 
     def per_group(values: torch.Tensor) -> torch.Tensor:  # [out, groups] -> [block, group, 32] bytes
-        halves = values.to(torch.float16).view(blocks, ROWS_PER_BLOCK, groups).permute(0, 2, 1).contiguous()
-        return halves.view(torch.uint8)
+        halves = values.to(torch.float16)
+        if not torch.isfinite(halves).all():
+            raise ValueError("int4_linear stores group scales and minima as fp16; this weight's overflow it")
+        return halves.view(blocks, ROWS_PER_BLOCK, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
 
     return torch.cat((packed, per_group(scales), per_group(mins)), dim=2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [out, in] a packed tensor holds (d * q + m): pack_int4 undone."""
+    blocks, groups = packed.shape[:2]
+    nibbles = packed[:, :, :256].reshape(blocks, groups, 4, ROWS_PER_BLOCK, 4)
+    q = torch.stack((nibbles & 0x0F, nibbles >> 4), dim=3)  # [block, group, c, half, row, b]
+    out_features, in_features = blocks * ROWS_PER_BLOCK, groups * GROUP_SIZE
+    q = q.permute(0, 4, 1, 2, 3, 5).reshape(out_features, in_features).float()
+
+    def per_row(offset: int) -> torch.Tensor:  # the group constants, [out, in] (repeated along a group)
+        halves = packed[:, :, offset : offset + 32].contiguous().view(torch.float16).float()
+        return halves.permute(0, 2, 1).reshape(out_features, groups).repeat_interleave(GROUP_SIZE, dim=1)
+
+    return q * per_row(256) + per_row(288)
 
 
 class Int4Linear:
@@ -82,18 +99,7 @@ class Int4Linear:
 
     def dequantized(self) -> torch.Tensor:
         """The weights the kernel multiplies, float32 [out, in] (for tests and checks)."""
-        blocks, groups = self.packed.shape[:2]
-        nibbles = self.packed[:, :, :256].reshape(blocks, groups, 4, ROWS_PER_BLOCK, 4)
-        low, high = nibbles & 0x0F, nibbles >> 4
-        q = torch.stack((low, high), dim=3)  # [block, group, c, half, row, b]
-        q = q.permute(0, 4, 1, 2, 3, 5).reshape(self.out_features, self.in_features).float()
-
-        def per_row(offset: int) -> torch.Tensor:
-            halves = self.packed[:, :, offset : offset + 32].contiguous().view(torch.float16).float()
-            return halves.permute(0, 2, 1).reshape(self.out_features, groups)
-
-        d, m = per_row(256), per_row(288)
-        return q * d.repeat_interleave(GROUP_SIZE, dim=1) + m.repeat_interleave(GROUP_SIZE, dim=1)
+        return unpack_int4(self.packed)
 
     def __repr__(self) -> str:
         return f"Int4Linear({self.out_features}x{self.in_features}, groups of {GROUP_SIZE})"
