@@ -86,7 +86,8 @@ def compare_engines(args: argparse.Namespace) -> None:
     def build(native_int4: bool) -> LLMEngine:
         config = EngineConfig(
             model=ModelConfig(weight_format=args.weight_format, num_threads=args.threads),
-            cache=CacheConfig(enable_prefix_caching=False, memory_bytes=256 << 20), show_progress=False,
+            cache=CacheConfig(enable_prefix_caching=False, memory_bytes=(64 + 24 * max(args.batches)) << 20),
+            show_progress=False,
         )
         available = hybrid_linear.int4_linear_available
         if not native_int4:  # hidden for this build only: its int4 layers take torch's kernel

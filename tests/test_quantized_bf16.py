@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F401
 from fixtures_native import seeded_randn
 
-from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
+from pdserve.engine.hybrid_linear import NATIVE_INT4_DENSE_ABOVE, ONEDNN_DENSE_ABOVE, HybridLinear
 from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
 from pdserve.engine.lm_head import NATIVE_INT8_MAX_ROWS, LmHead
 from pdserve.engine.loader import Checkpoint
@@ -102,10 +102,13 @@ def test_an_int4_hybrid_runs_the_native_int4_kernel_where_built(native: NativeKe
     weight = seeded_randn(96, 128) * 0.05
     hybrid = HybridLinear(weight, "int4", dense=OneDnnLinear(weight.bfloat16()), native=native)
     assert isinstance(hybrid.quantized, Int4Linear)
-    x = seeded_randn(ONEDNN_DENSE_ABOVE["int4"], 128, seed=1).bfloat16()
+    assert hybrid.dense_above == NATIVE_INT4_DENSE_ABOVE["bf16"]
+    x = seeded_randn(hybrid.dense_above, 128, seed=1).bfloat16()
     residual = seeded_randn(x.shape[0], 96, seed=2).bfloat16()
     assert torch.equal(hybrid(x), Int4Linear(weight, native)(x))
     assert torch.equal(hybrid(x, residual), Int4Linear(weight, native)(x, residual))
+    above = seeded_randn(hybrid.dense_above + 1, 128, seed=3).bfloat16()
+    assert torch.equal(hybrid(above), hybrid.dense(above))
     # The same weights as torch's int4 kernel multiplies (both exact 4-bit groups): close results.
     torch.testing.assert_close(hybrid(x).float(), PackedLinear(weight, "int4").matmul(x).float(), rtol=0.02, atol=0.02)
 

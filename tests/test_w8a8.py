@@ -8,7 +8,7 @@ import torch
 from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F401
 from fixtures_native import seeded_randn
 
-from pdserve.engine.hybrid_linear import ONEDNN_DENSE_ABOVE, HybridLinear
+from pdserve.engine.hybrid_linear import NATIVE_INT4_DENSE_ABOVE, ONEDNN_DENSE_ABOVE, HybridLinear
 from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.native_kernels import NativeKernels
@@ -157,15 +157,17 @@ def test_an_int4_w8a16_engine_decodes_int4_and_prefills_w8a16(checkpoint: Checkp
     try:
         model = llm.engine.model
         layer = model.layers[0].gate_up
-        assert isinstance(layer, HybridLinear) and layer.dense_above == ONEDNN_DENSE_ABOVE["int4"]
+        native_int4 = int4_linear_available(model.native)
+        expected_threshold = NATIVE_INT4_DENSE_ABOVE["w8a16"] if native_int4 else ONEDNN_DENSE_ABOVE["int4"]
+        assert isinstance(layer, HybridLinear) and layer.dense_above == expected_threshold
         assert isinstance(layer.dense, W8A8Linear) and layer.dense.activation_digits == 2
         # The head: int8 weights with float activations for decodes, w8a16 above.
         assert model.lm_head.kernel(1) == "native-int8" and model.lm_head.kernel(64) == "w8a16"
-        # A decode row runs the int4 kernel, a 13-row chunk the w8a16 layer, bit for bit.
-        x = seeded_randn(13, 576, seed=4).bfloat16()
+        # A decode row runs the int4 kernel, a chunk above the threshold the w8a16 layer, bit for bit.
+        x = seeded_randn(layer.dense_above + 1, 576, seed=4).bfloat16()
         assert torch.equal(layer(x), layer.dense(x))
         # (the native int4 x int8 kernel where the CPU has VNNI, as this one has; else torch's)
-        expected_type = Int4Linear if int4_linear_available(model.native) else PackedLinear
+        expected_type = Int4Linear if native_int4 else PackedLinear
         assert isinstance(layer.quantized, expected_type)
         assert torch.equal(layer(x[:1]), layer.quantized.matmul(x[:1]))
         answer = capital_answer(llm)

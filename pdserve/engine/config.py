@@ -33,7 +33,8 @@ class ModelConfig:
     weights times activations quantized to int8 per token on every call (w8a8_linear.py), for
     CPUs whose int8 dot products outrun their float ones; "w8a16", the same with each
     activation carried as two int8 digits, slower than w8a8 and far more accurate; or
-    "int4+w8a16", int4 for decode batches of up to 12 rows and w8a16 above, on bf16 CPUs
+    "int4+w8a16", int4 for decode batches of up to 12 rows (24 with the native int4
+    kernel) and w8a16 above, on bf16 CPUs
     (docs/engine.md)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None means the model's trained context length."""
