@@ -51,12 +51,10 @@ def main() -> None:
     print(f"{'shape':>16} {'rows':>4} {'torch int4':>18} {'native int4':>18} {'speed-up':>8}")
     for name, out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.05
-        torch_layer, native_layer = PackedLinear(weight, "int4"), Int4Linear(weight, native)
         copies = max(2, COLD_BYTES // (out_features * in_features // 2))
         torch_kernels = [PackedLinear(weight, "int4").kernel for _ in range(copies)]
         native_layers = [Int4Linear(weight, native) for _ in range(copies)]
-        assert torch_layer.kernel is not None
-        weight_bytes = native_layer.packed.numel()
+        weight_bytes = native_layers[0].kernel_bytes
         for rows in args.rows:
             x = torch.randn(rows, in_features).bfloat16()
             times: dict[str, list[float]] = {"torch": [], "native": []}

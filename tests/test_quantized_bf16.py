@@ -109,6 +109,10 @@ def test_an_int4_hybrid_runs_the_native_int4_kernel_where_built(native: NativeKe
     assert torch.equal(hybrid(x, residual), Int4Linear(weight, native)(x, residual))
     above = seeded_randn(hybrid.dense_above + 1, 128, seed=3).bfloat16()
     assert torch.equal(hybrid(above), hybrid.dense(above))
+    # Group constants beyond fp16's range stay with torch's kernel (bf16 scales).
+    huge = weight * 1e9
+    fallback = HybridLinear(huge, "int4", dense=OneDnnLinear(huge.bfloat16()), native=native)
+    assert isinstance(fallback.quantized, PackedLinear) and fallback.dense_above == ONEDNN_DENSE_ABOVE["int4"]
     # The same weights as torch's int4 kernel multiplies (both exact 4-bit groups): close results.
     torch.testing.assert_close(hybrid(x).float(), PackedLinear(weight, "int4").matmul(x).float(), rtol=0.02, atol=0.02)
 

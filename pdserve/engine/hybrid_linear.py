@@ -71,13 +71,7 @@ class HybridLinear:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized: PackedLinear | Int4Linear
         self._small: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
-        native_int4 = None
-        if weight_format == "int4" and int4_linear_available(native):
-            assert native is not None
-            try:
-                native_int4 = Int4Linear(weight, native)
-            except ValueError:  # group constants beyond fp16's range: torch's kernel takes bf16 ones
-                native_int4 = None
+        native_int4 = _native_int4(weight, native) if weight_format == "int4" else None
         if native_int4 is not None:
             self.quantized = self._small = native_int4
             self.dense_above = NATIVE_INT4_DENSE_ABOVE["w8a16" if isinstance(dense, W8A8Linear) else "bf16"]
@@ -96,3 +90,14 @@ class HybridLinear:
 
     def __repr__(self) -> str:
         return f"HybridLinear({self.quantized!r}, dense_above={self.dense_above})"
+
+
+def _native_int4(weight: torch.Tensor, native: NativeKernels | None) -> Int4Linear | None:
+    """The weight for the native int4 kernel, or None where it is not built, or where the
+    weight's group constants overflow its fp16 (torch's kernel keeps them in bf16)."""
+    if native is None or not int4_linear_available(native):
+        return None
+    try:
+        return Int4Linear(weight, native)
+    except ValueError:
+        return None

@@ -41,17 +41,18 @@ INT8_MAX = 127.0
 SECOND_DIGIT = 254.0
 """A first digit's rounding error (at most 1/2) times this spans the int8 range."""
 
-ACTIVATION_DIGITS = {"w8a8": 1, "w8a16": 2, "int4+w8a16": 2}
-"""The weight formats that multiply in int8 (int4+w8a16: above its int4 decode batches), and the
-int8 digits each carries an activation in."""
-
 INT4_DECODE_W8A16 = "int4+w8a16"
 """The format whose decode batches run int4 and whose larger batches run this layer."""
+
+ACTIVATION_DIGITS = {"w8a8": 1, "w8a16": 2, INT4_DECODE_W8A16: 2}
+"""The weight formats that multiply in int8 (int4+w8a16: above its int4 decode batches), and the
+int8 digits each carries an activation in."""
 
 
 def format_name(activation_digits: int) -> str:
     """w8a8 or w8a16: what a layer with this many activation digits computes."""
     return "w8a8" if activation_digits == 1 else "w8a16"
+
 
 CUDA_MIN_ROWS = 17
 """``torch._int_mm`` on CUDA takes only more than 16 rows; smaller batches are padded."""
