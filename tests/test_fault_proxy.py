@@ -340,7 +340,9 @@ def test_close_releases_connections_threads_and_fds(echo: EchoServer) -> None:
     stalled.sendall(b"held")
     dropped = connect(proxy)
     proxy.set_fault(Fault.drop(after_bytes=0))  # also acts on idle connections at once
-    wait_until(lambda: proxy.stats().num_connections_open == 0)
+    # connect() returns once the kernel has the connection; the proxy may accept it later. All
+    # three must be accepted (and dropped) before the fault is lifted, or a late one survives.
+    wait_until(lambda: proxy.stats().num_connections_accepted == 3 and proxy.stats().num_connections_open == 0)
     proxy.set_fault(Fault.none())
     survivor = connect(proxy)
     round_trip_s(survivor, b"alive")
