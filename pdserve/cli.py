@@ -89,6 +89,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="dtype of the written weights (default: float32)",
     )
 
+    commands.add_parser(
+        "env",
+        help="print what runs on this machine and why (CPU features, dtype, native kernel paths)",
+        description="Print the CPU's features, the dtype 'auto' picks here, and the path each native "
+        "kernel takes (avx512, avx2 or portable, and why), building the kernels if needed. "
+        "PDSERVE_KERNEL_ISA=avx2|portable caps the level.",
+    )
+
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks of pdserve.")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     engine_bench = bench_commands.add_parser(
@@ -292,6 +300,14 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    from pdserve.engine.environment import environment_report
+
+    for line in environment_report():
+        print(line)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
 
     from pdserve.engine.export import export_hf_dir
@@ -348,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = [f"plan-{argv[1]}", *argv[2:]]
     args = _build_parser().parse_args(argv)
     handlers = {
-        "generate": _generate, "export": _export, "bench": _bench,
+        "generate": _generate, "export": _export, "env": _env, "bench": _bench,
         "serve": _serve, "worker": _worker, "router": _router, "plan": _plan,
         "plan-calibrate": _plan_calibrate, "plan-validate": _plan_validate,
     }

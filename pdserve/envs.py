@@ -19,3 +19,11 @@ def cache_dir() -> Path:
 def model_path_override() -> str | None:
     """A model file or directory to use instead of the default model (PDSERVE_MODEL)."""
     return os.environ.get("PDSERVE_MODEL") or None
+
+
+def kernel_isa() -> str | None:
+    """The highest instruction-set level the native kernels may use (PDSERVE_KERNEL_ISA: avx512,
+    avx2 or portable; unset or "auto": the best this CPU runs). Lower levels test those paths on
+    a CPU that has more, or rule out a path that misbehaves."""
+    value = os.environ.get("PDSERVE_KERNEL_ISA", "").strip().lower()
+    return None if value in ("", "auto") else value

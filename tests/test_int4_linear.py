@@ -1,5 +1,6 @@
 """The native int4 x int8 kernel (int4_linear.py, native/int4_linear.cpp) against its definition:
-the packed weights exactly as quantized, times the activations' two int8 digits, in float64."""
+the packed weights exactly as quantized, times the activations' two int8 digits, in float64; on
+every path this CPU builds (AVX512-VNNI or AVX2 by vpmaddubsw, and the portable scalar one)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,6 @@ from fixtures_native import seeded_randn
 from pdserve.engine.int4_linear import Int4Linear, int4_linear_available, pack_int4, unpack_int4
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.quantization import quantize_int4
-
-
-@pytest.fixture(scope="module")
-def vnni(native: NativeKernels) -> NativeKernels:
-    """The kernels, with the int4 one (built where the CPU has AVX512-VNNI, as this one has)."""
-    if not int4_linear_available(native):
-        pytest.skip("the int4 kernel needs AVX512-VNNI")
-    return native
 
 
 def two_digit_activations(kernels: NativeKernels, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +38,12 @@ def test_packing_keeps_every_weight_and_group_constant() -> None:
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 12])
 @pytest.mark.parametrize(("out_features", "in_features"), [(960, 576), (48, 1536)])
 def test_int4_linear_equals_its_definition_in_float32(
-    vnni: NativeKernels, rows: int, out_features: int, in_features: int
+    native: NativeKernels, rows: int, out_features: int, in_features: int
 ) -> None:
-    layer = Int4Linear(seeded_randn(out_features, in_features) * 0.05, vnni)
+    layer = Int4Linear(seeded_randn(out_features, in_features) * 0.05, native)
     x = seeded_randn(rows, in_features, seed=1)
     got = layer(x)
-    expected = two_digit_activations(vnni, x) @ layer.dequantized().double().t()
+    expected = two_digit_activations(native, x) @ layer.dequantized().double().t()
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     # float32 sums in another order: relative to the output's scale, far below bf16's resolution.
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
@@ -59,27 +52,27 @@ def test_int4_linear_equals_its_definition_in_float32(
     assert (got.double() - exact).abs().max() < 5e-4 * exact.abs().max()
 
 
-def test_int4_linear_in_bf16_adds_the_residual_before_its_one_rounding(vnni: NativeKernels) -> None:
-    layer = Int4Linear(seeded_randn(576, 576) * 0.05, vnni)
+def test_int4_linear_in_bf16_adds_the_residual_before_its_one_rounding(native: NativeKernels) -> None:
+    layer = Int4Linear(seeded_randn(576, 576) * 0.05, native)
     x = seeded_randn(3, 576, seed=2).bfloat16()
     residual = seeded_randn(3, 576, seed=3).bfloat16()
     got = layer(x, residual)
-    expected = two_digit_activations(vnni, x) @ layer.dequantized().double().t() + residual.double()
+    expected = two_digit_activations(native, x) @ layer.dequantized().double().t() + residual.double()
     assert got.dtype == torch.bfloat16
     # One rounding to bf16: within half a bf16 step (2^-8 relative), plus float32 summation.
     assert ((got.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-5).all()
 
 
-def test_rows_are_independent_of_their_batch(vnni: NativeKernels) -> None:
-    layer = Int4Linear(seeded_randn(96, 576) * 0.05, vnni)
+def test_rows_are_independent_of_their_batch(native: NativeKernels) -> None:
+    layer = Int4Linear(seeded_randn(96, 576) * 0.05, native)
     x = seeded_randn(7, 576, seed=4).bfloat16()
     together = layer(x)
     for row in range(7):
         assert torch.equal(layer(x[row : row + 1]), together[row : row + 1])
 
 
-def test_int4_linear_refuses_what_it_cannot_read(vnni: NativeKernels) -> None:
-    layer = Int4Linear(seeded_randn(32, 64), vnni)
+def test_int4_linear_refuses_what_it_cannot_read(native: NativeKernels) -> None:
+    layer = Int4Linear(seeded_randn(32, 64), native)
     with pytest.raises(RuntimeError, match="matching the packed weight"):
         layer(seeded_randn(1, 63))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
@@ -87,7 +80,14 @@ def test_int4_linear_refuses_what_it_cannot_read(vnni: NativeKernels) -> None:
     with pytest.raises(RuntimeError, match="residual must be"):
         layer(seeded_randn(2, 64), seeded_randn(2, 31))
     with pytest.raises(RuntimeError, match="packed must be"):
-        vnni.int4_linear(seeded_randn(1, 64), layer.packed.float(), None)
+        native.int4_linear(seeded_randn(1, 64), layer.packed.float(), None)
     with pytest.raises(ValueError, match="divisible by 16"):
-        Int4Linear(seeded_randn(40, 64), vnni)
+        Int4Linear(seeded_randn(40, 64), native)
     assert layer(seeded_randn(0, 64)).shape == (0, 32)
+
+
+def test_the_engine_multiplies_int4_by_the_vectorized_paths_only(native: NativeKernels) -> None:
+    """The scalar build is correct (the tests above) but slower than torch's int4 kernel."""
+    path = native.path("int4_linear")
+    assert path.split()[0] in ("avx512_vnni", "avx2", "portable")
+    assert int4_linear_available(native) == (not path.startswith("portable"))

@@ -208,15 +208,22 @@ def test_config_refuses_an_unknown_attention() -> None:
         ModelConfig(attention="flash")
 
 
-def test_the_engine_generates_the_same_tokens_with_either_path(checkpoint: Checkpoint) -> None:
-    """float32, where both paths compute the same sums in another order: greedy tokens agree."""
+def test_the_engine_generates_the_same_tokens_with_either_path(
+    checkpoint: Checkpoint, native: NativeKernels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32, where both paths compute the same sums in another order: greedy tokens agree, on
+    each instruction-set level's kernels (PDSERVE_KERNEL_ISA caps the engine's choice)."""
+    isa = native.builds["rms_norm"].isa
+    monkeypatch.setenv("PDSERVE_KERNEL_ISA", isa)
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a land far away, there"]
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     outputs = {}
     for attention in ("torch", "native"):
         llm = make_float32_llm(checkpoint, CacheConfig(num_blocks=64), attention=attention)
         try:
-            assert (llm.engine.model.native is not None) == (attention == "native")
+            model_native = llm.engine.model.native
+            assert (model_native is not None) == (attention == "native")
+            assert model_native is None or model_native.builds["rms_norm"].isa == isa
             # Together: the three decode in one batch over contexts of different lengths.
             outputs[attention] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         finally:

@@ -99,13 +99,15 @@ def paged_attention(
 
 
     num_decode = meta.num_decode_tokens
-    if num_decode and native is not None and meta.decode_context_lens is not None:
+    attend = native.paged_decode_attention if native is not None else None
+    attend_into = native.paged_decode_attention_into if native is not None else None
+    if num_decode and attend is not None and attend_into is not None and meta.decode_context_lens is not None:
         assert meta.decode_blocks is not None
         args = (q[:num_decode], k_cache, v_cache, meta.decode_blocks, meta.decode_context_lens, head_dim**-0.5)
         if out.dtype in (torch.float32, k_cache.dtype):
-            native.paged_decode_attention_into(*args, out[:num_decode])
+            attend_into(*args, out[:num_decode])
         else:  # a cache in another dtype than the model's
-            out[:num_decode] = native.paged_decode_attention(*args).to(out.dtype)
+            out[:num_decode] = attend(*args).to(out.dtype)
     elif num_decode:
         assert meta.decode_blocks is not None and meta.decode_mask is not None
         # All query heads of one KV head attend to the same keys: fold them into the query axis

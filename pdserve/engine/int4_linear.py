@@ -1,4 +1,4 @@
-"""4-bit weights multiplied in integer arithmetic (the native ``int4_linear``, AVX512-VNNI).
+"""4-bit weights multiplied in integer arithmetic (the native ``int4_linear``).
 
 ``Int4Linear(weight [out, in], native)`` quantizes a weight to groupwise asymmetric 4-bit (groups
 of 32 inputs, ``w = d * q + m``, fp16 d and m: a llama.cpp Q4_1 matrix comes back exactly,
@@ -8,9 +8,10 @@ optional residual added before the one rounding.
 
 Why: torch's int4 kernel unpacks every nibble to bf16 and multiplies in floating point, and on
 the 2-core Xeon read weights at about 9 GB/s. The native kernel quantizes each activation row
-to two int8 digits (about 15 bits, int8_digits.h) and multiplies nibbles by digits with the VNNI
-instruction. It is the small-batch half of the int4 formats (hybrid_linear.py) where the CPU
-has VNNI.
+to two int8 digits (about 15 bits, int8_digits.h) and multiplies nibbles by digits in integer
+arithmetic: by VNNI on AVX-512 CPUs that have it, by vpmaddubsw on AVX2 ones. It is the
+small-batch half of the int4 formats (hybrid_linear.py) where one of those paths is built; the
+portable build computes the same in scalar code, correct but slower than torch's kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ BLOCK_BYTES = 320
 
 
 def int4_linear_available(native: NativeKernels | None) -> bool:
-    return native is not None and native.int4_vnni
+    """Whether the engine should multiply int4 layers by the native kernel: built here on a
+    vectorized path (AVX512-VNNI or AVX2), not the portable one."""
+    return (native is not None and native.int4_linear is not None
+            and not native.path("int4_linear").startswith("portable"))
 
 
 def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
@@ -76,8 +80,8 @@ class Int4Linear:
     """``layer(x, residual=None)`` = x @ W.T (+ residual), W as 4-bit groups (see the module)."""
 
     def __init__(self, weight: torch.Tensor, native: NativeKernels) -> None:
-        if not int4_linear_available(native):
-            raise ValueError("Int4Linear needs the native kernels built with AVX512-VNNI")
+        if native.int4_linear is None:
+            raise ValueError("Int4Linear needs the native int4_linear kernel, which did not build here")
         if weight.dim() != 2 or not weight.is_floating_point() or weight.device.type != "cpu":
             raise ValueError(f"weight must be a 2-D float CPU tensor [out, in], got {weight.dtype} {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape

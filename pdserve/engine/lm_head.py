@@ -60,10 +60,10 @@ class LmHead:
         self._small: tuple[str, Head] | None = None
         self._small_rows = 0
         self._small_bytes = 0
-        if quantized and native is not None:
+        int8_linear = native.int8_linear if native is not None else None
+        if quantized and int8_linear is not None:
             q, scales = quantize_int8(weight)
             scales = scales.float()
-            int8_linear = native.int8_linear
             self._small = ("native-int8", lambda x: int8_linear(x.contiguous(), q, scales))
             self._small_rows = NATIVE_INT8_MAX_ROWS
             self._small_bytes = q.numel() + scales.numel() * scales.element_size()

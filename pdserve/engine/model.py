@@ -7,6 +7,7 @@ matrix each so a layer runs two GEMMs fewer. Every ``[out, in]`` weight stays in
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ import torch.nn.functional as F
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.engine.device import cpu_has_fast_bf16
+from pdserve.engine.environment import kernels_line
 from pdserve.engine.hybrid_linear import HybridLinear
 from pdserve.engine.lm_head import LmHead
 from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
 from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, INT4_DECODE_W8A16, W8A8Linear
+
+log = logging.getLogger(__name__)
 
 Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear | W8A8Linear
 """A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, a dense
@@ -74,6 +78,7 @@ def _native_kernels(attention: str, device: torch.device, fast_bf16: bool) -> Na
             raise ValueError(f"attention='native' is a CPU kernel; the model is on {device}")
         return None
     kernels = load_native_kernels()
+    log.info("native kernels: %s", kernels_line(kernels))
     if kernels is None and attention == "native":
         raise RuntimeError("attention='native': the kernels could not be built here (see the warning above); "
                            "use attention='torch'")
@@ -183,14 +188,14 @@ class LlamaModel:
         self.max_positions = max_positions
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.native is not None:
+        if self.native is not None and self.native.rms_norm is not None:
             return self.native.rms_norm(x, weight, self.arch.rms_norm_eps)
         # One fused op; bit-identical to HF's float32 formula (checked), and half the cost.
         return F.rms_norm(x, (x.shape[-1],), weight, self.arch.rms_norm_eps)
 
     def _silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """[T, 2 I] (gate, up) -> silu(gate) * up [T, I]."""
-        if self.native is not None:
+        if self.native is not None and self.native.silu_and_mul is not None:
             return self.native.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -234,7 +239,8 @@ class LlamaModel:
         native = self.native
         # The native kernel rotates and stores in one call when the cache has the model's dtype;
         # it reads float32 [T, D] tables, the torch path the model's dtype broadcast over heads.
-        fused_rope = native is not None and bool(kv_layers) and kv_layers[0][0].dtype == self.dtype
+        rope_write_kv = native.rope_write_kv if native is not None else None
+        fused_rope = rope_write_kv is not None and bool(kv_layers) and kv_layers[0][0].dtype == self.dtype
         cos, sin = self._cos[positions], self._sin[positions]
         if not fused_rope:
             cos, sin = cos.to(self.dtype).unsqueeze(1), sin.to(self.dtype).unsqueeze(1)
@@ -247,9 +253,9 @@ class LlamaModel:
             k_cache, v_cache = kv_layers[index]
             v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
             if fused_rope:
-                assert native is not None
+                assert rope_write_kv is not None
                 # Rotated in place and stored in one call; q and k stay views of qkv.
-                native.rope_write_kv(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, num_heads)
+                rope_write_kv(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, num_heads)
                 q = qkv[:, :q_size].view(-1, num_heads, head_dim)
                 k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
             else:

@@ -112,7 +112,9 @@ class W8A8Linear:
         # than a contiguous [in, out] copy at every shape and batch measured, 5x at one row.
         self._weight_t = q.t()
         self._scales = scales.float()
-        self._native = native if weight.device.type == "cpu" else None
+        # The native row quantizer and rescaler, where both built.
+        self._native = (native if weight.device.type == "cpu" and native is not None
+                        and native.quantize_rows_int8 is not None and native.dequantize_int32 is not None else None)
 
     @property
     def nbytes(self) -> int:
@@ -123,6 +125,7 @@ class W8A8Linear:
         digits = self.activation_digits
         native = self._native
         if native is not None:
+            assert native.quantize_rows_int8 is not None and native.dequantize_int32 is not None
             q, row_scales = native.quantize_rows_int8(x, digits)
             return native.dequantize_int32(torch._int_mm(q, self._weight_t), row_scales, self._scales, residual,
                                            x.dtype, digits)

@@ -4,9 +4,7 @@
 
 #include <c10/util/BFloat16.h>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "isa.h"
 
 #include <cstdint>
 #include <cstring>

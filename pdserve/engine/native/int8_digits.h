@@ -13,10 +13,6 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "bf16.h"
 
 namespace pdserve_native {

@@ -17,20 +17,20 @@
 #include <tuple>
 #include <type_traits>
 
-#include <immintrin.h>
-
 #include "bf16.h"
+#include "isa.h"
 #include "int8_digits.h"
 
 namespace {
 
 using pdserve_native::narrow;
 using pdserve_native::widen;
-using pdserve_native::widen16;
 using pdserve_native::kSecondDigit;
 using pdserve_native::quantize;
 
 #ifdef __AVX512F__
+using pdserve_native::widen16;
+
 inline void store16(float* target, __m512 values) { _mm512_storeu_ps(target, values); }
 
 inline void store16(c10::BFloat16* target, __m512 values) {
@@ -139,13 +139,14 @@ at::Tensor dequantize_int32(const at::Tensor& sums, const at::Tensor& row_scales
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+TORCH_LIBRARY_FRAGMENT(PDSERVE_OPS, m) {
   m.def("quantize_rows_int8(Tensor x, int digits) -> (Tensor, Tensor)");
   m.def("dequantize_int32(Tensor sums, Tensor row_scales, Tensor column_scales, Tensor? residual, "
         "ScalarType dtype, int digits) -> Tensor");
+  m.def("int8_rows_path() -> str", [] { return std::string(pdserve_native::kIsa); });
 }
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+TORCH_LIBRARY_IMPL(PDSERVE_OPS, CPU, m) {
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("dequantize_int32", &dequantize_int32);
 }

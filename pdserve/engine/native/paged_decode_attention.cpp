@@ -33,9 +33,8 @@
 #include <type_traits>
 #include <vector>
 
-#include <immintrin.h>
-
 #include "bf16.h"
+#include "isa.h"
 
 namespace {
 
@@ -366,16 +365,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+TORCH_LIBRARY_FRAGMENT(PDSERVE_OPS, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale) -> Tensor");
   m.def(
       "paged_decode_attention_into(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale, Tensor(a!) out) -> ()");
+  m.def("paged_decode_attention_path() -> str", [] {
+#if defined(__AVX512BF16__)
+    return std::string("avx512, bf16 dot products for bf16 caches");
+#else
+    return std::string(pdserve_native::kIsa);
+#endif
+  });
 }
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) {
+TORCH_LIBRARY_IMPL(PDSERVE_OPS, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("paged_decode_attention_into", &paged_decode_attention_into);
 }

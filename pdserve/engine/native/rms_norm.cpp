@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "bf16.h"
+#include "isa.h"
 
 namespace {
 
@@ -65,6 +66,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pdserve, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(PDSERVE_OPS, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm_path() -> str", [] { return std::string(pdserve_native::kIsa); });
+}
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("rms_norm", &rms_norm); }
+TORCH_LIBRARY_IMPL(PDSERVE_OPS, CPU, m) { m.impl("rms_norm", &rms_norm); }

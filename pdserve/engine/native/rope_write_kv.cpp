@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "isa.h"
 
 namespace {
 
@@ -96,10 +97,11 @@ void rope_write_kv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pdserve, m) {
+TORCH_LIBRARY_FRAGMENT(PDSERVE_OPS, m) {
   m.def(
       "rope_write_kv(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(b!) k_cache, "
       "Tensor(c!) v_cache, int num_heads) -> ()");
+  m.def("rope_write_kv_path() -> str", [] { return std::string(pdserve_native::kIsa); });
 }
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("rope_write_kv", &rope_write_kv); }
+TORCH_LIBRARY_IMPL(PDSERVE_OPS, CPU, m) { m.impl("rope_write_kv", &rope_write_kv); }

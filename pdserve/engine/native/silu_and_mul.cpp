@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "bf16.h"
+#include "isa.h"
 
 namespace {
 
@@ -56,6 +57,9 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pdserve, m) { m.def("silu_and_mul(Tensor gate_up) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(PDSERVE_OPS, m) {
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("silu_and_mul_path() -> str", [] { return std::string(pdserve_native::kIsa); });
+}
 
-TORCH_LIBRARY_IMPL(pdserve, CPU, m) { m.impl("silu_and_mul", &silu_and_mul); }
+TORCH_LIBRARY_IMPL(PDSERVE_OPS, CPU, m) { m.impl("silu_and_mul", &silu_and_mul); }
