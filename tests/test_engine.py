@@ -12,8 +12,11 @@ from hypothesis import strategies as st
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.handoff import IncompatibleHandoffError
+from pdserve.engine.hybrid_linear import HybridLinear
+from pdserve.engine.int4_linear import int4_linear_available
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint, ModelNotFoundError
+from pdserve.engine.quantization import PackedLinear
 from pdserve.engine.sampling_params import SamplingParams
 
 PROMPT = "The three most important inventions in history are"
@@ -264,7 +267,15 @@ def test_quantized_weights_generate_the_same_answer(checkpoint: Checkpoint, weig
         show_progress=False,
     )
     llm = LLM(config=config, checkpoint=checkpoint)
-    # A 40-token prompt runs its prefill through the dense fallback, decoding through the kernel.
+    model = llm.engine.model
+    # int4 layers take the native kernel where it is vectorized here (AVX2 or AVX512-VNNI),
+    # and torch's int4 kernel elsewhere; the head of either format the native int8 kernel.
+    expected = HybridLinear if weight_format == "int4" and int4_linear_available(model.linear_kernels) else PackedLinear
+    assert isinstance(model.layers[0].gate_up, expected)
+    if model.linear_kernels is not None and model.linear_kernels.int8_linear is not None:
+        assert model.lm_head.kernel(1) == "native-int8"
+    # A 40-token prompt: its prefill runs dense (torch's int4 kernel) or the native int4 kernel
+    # (below its float32 crossover); decoding through the kernel.
     prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
     (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
     llm.close()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from fixtures_native import seeded_randn
 
+from pdserve.engine.hybrid_linear import NATIVE_INT4_DENSE_ABOVE, HybridLinear
 from pdserve.engine.int4_linear import Int4Linear, int4_linear_available, pack_int4, unpack_int4
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.quantization import quantize_int4
@@ -91,3 +92,31 @@ def test_the_engine_multiplies_int4_by_the_vectorized_paths_only(native: NativeK
     path = native.path("int4_linear")
     assert path.split()[0] in ("avx512_vnni", "avx2", "portable")
     assert int4_linear_available(native) == (not path.startswith("portable"))
+
+
+def test_int4_dequantize_gives_the_packed_weights(native: NativeKernels) -> None:
+    layer = Int4Linear(seeded_randn(96, 576) * 0.05, native)
+    assert native.int4_dequantize is not None
+    got = native.int4_dequantize(layer.packed)
+    assert got.dtype == torch.float32 and got.shape == (96, 576)
+    # d * q + m, fused or not into one rounding: within a float32 step of the torch unpacking.
+    torch.testing.assert_close(got, layer.dequantized(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_float32_int4_hybrid_multiplies_small_batches_by_the_kernel_and_large_by_a_gemm(
+    native: NativeKernels,
+) -> None:
+    weight = seeded_randn(96, 128) * 0.05
+    if not int4_linear_available(native):
+        with pytest.raises(ValueError, match="needs the native int4 kernel"):
+            HybridLinear(weight, "int4", dense=None, native=native)
+        return
+    hybrid = HybridLinear(weight, "int4", dense=None, native=native)
+    assert isinstance(hybrid.quantized, Int4Linear) and hybrid.dense_above == NATIVE_INT4_DENSE_ABOVE["float32"]
+    rows = hybrid.dense_above
+    x, residual = seeded_randn(rows + 1, 128, seed=1), seeded_randn(rows + 1, 96, seed=2)
+    assert torch.equal(hybrid(x[:rows], residual[:rows]), hybrid.quantized(x[:rows], residual[:rows]))
+    # Above the threshold: float32 arithmetic on the same 4-bit weights, x unquantized.
+    exact = x.double() @ hybrid.quantized.dequantized().double().t() + residual.double()
+    torch.testing.assert_close(hybrid(x, residual).double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hybrid(x).double(), exact - residual.double(), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,13 @@ import pytest
 
 from pdserve import envs
 from pdserve.engine.cpu_features import ISA_LEVELS, ISA_ORDER, IsaLevel, cpu_features, parse_cpuinfo
-from pdserve.engine.native_kernels import SOURCE_OPS, BuildFailure, NativeKernels, build_best, compile_check
+from pdserve.engine.native_kernels import (
+    SOURCE_OPS,
+    BuildFailure,
+    NativeKernels,
+    build_best,
+    compile_check,
+)
 
 # Flags lines as the two CPUs this project runs on print them (trimmed to the ones that matter).
 XEON = "model name\t: Intel(R) Xeon(R) Platinum\nflags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512dq " \
@@ -47,7 +53,7 @@ def test_a_source_that_fails_at_one_level_falls_back_to_the_next_alone() -> None
     assert [failure.isa for failure in failures] == ["broken"]
     assert "no-such-instruction-set" in failures[0].error  # the compiler's own words
     # A source that built nowhere says so, and its ops are None (the engine's torch path).
-    kernels = NativeKernels(*([None] * 9), builds={"rms_norm": build},
+    kernels = NativeKernels(*([None] * 10), builds={"rms_norm": build},
                             failures=(BuildFailure("int4_linear", "avx2", "error: ..."),))
     assert kernels.path("rms_norm") == "portable"
     assert kernels.path("int4_linear") == "torch (no native build: avx2 failed)"

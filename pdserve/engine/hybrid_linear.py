@@ -47,8 +47,9 @@ from pdserve.engine.w8a8_linear import W8A8Linear
 
 ONEDNN_DENSE_ABOVE = {"int8": 4, "int4": 12}
 """Rows above which the packed bf16 copy is faster than the quantized kernel (table above)."""
-NATIVE_INT4_DENSE_ABOVE = {"bf16": 64, "w8a16": 24}
-"""Rows above which the dense layer (packed bf16, or w8a16) is faster than the native int4 kernel."""
+NATIVE_INT4_DENSE_ABOVE = {"bf16": 64, "w8a16": 24, "float32": 64}
+"""Rows above which the dense layer (packed bf16, w8a16, or a float32 GEMM on the weights
+dequantized for the call) is faster than the native int4 kernel."""
 
 
 class HybridLinear:
@@ -60,18 +61,30 @@ class HybridLinear:
         self,
         weight: torch.Tensor,
         weight_format: str,
-        dense: OneDnnLinear | W8A8Linear,
+        dense: OneDnnLinear | W8A8Linear | None,
         native: NativeKernels | None = None,
     ) -> None:
         """weight: [out, in] in any float precision, quantized from as given; dense: the same
         weight as the dense model packs it, so batches above the threshold compute exactly what
-        weight_format="dense" computes (or as w8a16 computes it, for "int4+w8a16"); native: the
+        weight_format="dense" computes (or as w8a16 computes it, for "int4+w8a16"), or None for
+        float32 models: a float32 GEMM on the int4 weights dequantized for the call (no copy
+        kept), which needs the native int4 kernel (ValueError without it); native: the
         kernels, whose int4 x int8 kernel int4 layers use where it was built."""
         if weight_format not in ONEDNN_DENSE_ABOVE:
             raise ValueError(f"HybridLinear quantizes to one of {tuple(ONEDNN_DENSE_ABOVE)}, got {weight_format!r}")
         self.quantized: PackedLinear | Int4Linear
         self._small: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
         native_int4 = _native_int4(weight, native) if weight_format == "int4" else None
+        self.dense: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+        if dense is None:
+            if native_int4 is None:
+                raise ValueError("a float32 int4 hybrid needs the native int4 kernel (vectorized, and the "
+                                 "weight's group constants within fp16)")
+            self.quantized = self._small = native_int4
+            self.dense = native_int4.dense
+            self.dense_above = NATIVE_INT4_DENSE_ABOVE["float32"]
+            return
+        self.dense = dense
         if native_int4 is not None:
             self.quantized = self._small = native_int4
             self.dense_above = NATIVE_INT4_DENSE_ABOVE["w8a16" if isinstance(dense, W8A8Linear) else "bf16"]
@@ -81,7 +94,6 @@ class HybridLinear:
             assert kernel is not None  # a quantized format has one
             self._small = lambda x, residual: kernel(x) if residual is None else residual + kernel(x)
             self.dense_above = ONEDNN_DENSE_ABOVE[weight_format]
-        self.dense = dense
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] > self.dense_above:

@@ -17,6 +17,7 @@ portable build computes the same in scalar code, correct but slower than torch's
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pdserve.engine.native_kernels import NativeKernels
 from pdserve.engine.quantization import quantize_int4
@@ -88,6 +89,7 @@ class Int4Linear:
         q, scales, mins = quantize_int4(weight, GROUP_SIZE)
         self.packed = pack_int4(q, scales, mins)
         self._kernel = native.int4_linear
+        self._dequantize = native.int4_dequantize
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._kernel(x, self.packed, residual)
@@ -100,6 +102,15 @@ class Int4Linear:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T in x's dtype (PackedLinear's interface)."""
         return self._kernel(x, self.packed, None)
+
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T (+ residual) by a float GEMM on the weights dequantized for this call: for
+        batches bound by arithmetic, where the GEMM beats the int4 kernel (hybrid_linear.py).
+        Dequantizing costs about a millisecond for SmolLM2's gate_up; keeping a float copy
+        instead would cost 4 bytes a weight."""
+        assert self._dequantize is not None  # built with int4_linear, from the same source
+        weight = self._dequantize(self.packed).to(x.dtype)
+        return F.linear(x, weight) if residual is None else torch.addmm(residual, x, weight.t())
 
     def dequantized(self) -> torch.Tensor:
         """The weights the kernel multiplies, float32 [out, in] (for tests and checks)."""

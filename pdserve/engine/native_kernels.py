@@ -13,7 +13,8 @@ registered as ``torch.ops.pdserve_<isa>.*``:
   (w8a8_linear.py), activations to int8 by row before ``torch._int_mm``, its sums scaled back
   after it.
 - ``int4_linear``: x @ W.T for a few rows against 4-bit weights, the activations as two int8
-  digits multiplied in integer arithmetic (int4_linear.py).
+  digits multiplied in integer arithmetic (int4_linear.py); ``int4_dequantize``, the same
+  weights as float32, for batches where a float GEMM is faster.
 
 Why kernels of our own: decode attention in plain torch first gathers every sequence's context
 out of the paged cache into a contiguous copy (``index_select``), then runs SDPA on it; the
@@ -68,7 +69,7 @@ SOURCE_OPS = {
     "silu_and_mul": ("silu_and_mul",),
     "int8_linear": ("int8_linear",),
     "int8_rows": ("quantize_rows_int8", "dequantize_int32"),
-    "int4_linear": ("int4_linear",),
+    "int4_linear": ("int4_linear", "int4_dequantize"),
 }
 """Each source (native/<name>.cpp, one extension) and the ops it registers."""
 HEADERS = tuple(NATIVE_DIRECTORY / name for name in ("bf16.h", "int8_digits.h", "isa.h"))
@@ -132,6 +133,8 @@ class NativeKernels:
     int4_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None
     """(x [T, in] contiguous float32/bf16, packed [out / 16, in / 32, 320] uint8, residual [T, out]
     or None) -> [T, out] in x's dtype (int4_linear.py packs)."""
+    int4_dequantize: Callable[[torch.Tensor], torch.Tensor] | None
+    """(packed) -> the float32 weights [out, in] it holds."""
     builds: dict[str, SourceBuild] = field(default_factory=dict)
     """Each source that built, by name: the level it was built for and the path it takes."""
     failures: tuple[BuildFailure, ...] = ()
@@ -251,6 +254,7 @@ def _load(levels: tuple[IsaLevel, ...], cpu: CpuFeatures, cache_root: Path) -> N
         rope_write_kv=op("rope_write_kv"), rms_norm=op("rms_norm"), silu_and_mul=op("silu_and_mul"),
         int8_linear=op("int8_linear"), quantize_rows_int8=op("quantize_rows_int8"),
         dequantize_int32=op("dequantize_int32"), int4_linear=op("int4_linear"),
+        int4_dequantize=op("int4_dequantize"),
         builds=builds, failures=tuple(failures),
     )
 
