@@ -7,22 +7,30 @@ alike. Prints the median microseconds a call, the weight bytes read per second, 
 
     python benchmarks/int4_kernels.py [--threads 2] [--rows 1 2 4 8 12] [--calls 200]
     python benchmarks/int4_kernels.py --engine [--weight-format int4] [--batches 1 8]
+    python benchmarks/int4_kernels.py --crossover [--rows 1 8 32 64 128 256 512]
 
 ``--engine`` times whole decode steps instead (512-token contexts): two engines of the same
 weight format in one process, one with the native kernel in its int4 layers and one with
 torch's (built with the kernel hidden from ``hybrid_linear``), stepping in alternate rounds.
+
+``--crossover`` sets float32 models' threshold (``NATIVE_INT4_DENSE_ABOVE["float32"]``): the native
+kernel on float32 rows against a float32 GEMM on the weights dequantized for the call (what a
+float32 int4 layer runs above the threshold) and against a kept float32 weight (the dense model),
+and prints the largest row count at which the kernel still wins, per shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
 import torch
 
+from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
-from pdserve.engine.native_kernels import load_native_kernels
+from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 from pdserve.engine.quantization import PackedLinear
 
 SHAPES = (("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536))
@@ -35,6 +43,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 12])
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--engine", action="store_true", help="time decode steps of two engines instead")
+    parser.add_argument("--crossover", action="store_true",
+                        help="the native kernel against float32 GEMMs, for float32 models' threshold")
     parser.add_argument("--weight-format", default="int4", choices=["int4", "int4+w8a16"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=4)
@@ -43,10 +53,10 @@ def main() -> None:
     if args.engine:
         compare_engines(args)
         return
-    native = load_native_kernels()
-    if not int4_linear_available(native):
-        raise SystemExit("the native int4 kernel is not built here (needs AVX512-VNNI)")
-    assert native is not None
+    if args.crossover:
+        crossover(args)
+        return
+    native = _native_int4_kernels()
     print(f"threads={args.threads}, median us a call (weight GB/s), cold weights")
     print(f"{'shape':>16} {'rows':>4} {'torch int4':>18} {'native int4':>18} {'speed-up':>8}")
     for name, out_features, in_features in SHAPES:
@@ -72,6 +82,44 @@ def main() -> None:
             cells = [f"{medians[s] * 1e6:8.1f} ({weight_bytes / medians[s] / 1e9:5.1f})" for s in ("torch", "native")]
             print(f"{name + f' {out_features}x{in_features}':>16} {rows:>4} {cells[0]:>18} {cells[1]:>18} "
                   f"{medians['torch'] / medians['native']:7.2f}x")
+
+
+def _native_int4_kernels() -> NativeKernels:
+    native = load_native_kernels()
+    if native is None or not int4_linear_available(native):
+        raise SystemExit("the native int4 kernel is not built here on a vectorized path (see pdserve env)")
+    print(f"{cpu_features().describe()}; int4_linear: {native.path('int4_linear')}")
+    return native
+
+
+def crossover(args: argparse.Namespace) -> None:
+    native = _native_int4_kernels()
+    sides = ("native int4", "dequantized", "float32")
+    print(f"threads={args.threads}, median us a call, float32 x, cold weights")
+    print(f"{'shape':>16} {'rows':>4} " + " ".join(f"{side:>12}" for side in sides))
+    for name, out_features, in_features in SHAPES:
+        weight = torch.randn(out_features, in_features) * 0.05
+        copies = max(2, COLD_BYTES // (out_features * in_features * 4))
+        layers = [Int4Linear(weight, native) for _ in range(copies)]
+        dense = [weight.clone() for _ in range(copies)]
+        calls = {"native int4": [layer.__call__ for layer in layers], "dequantized": [layer.dense for layer in layers],
+                 "float32": [functools.partial(torch.nn.functional.linear, weight=copy) for copy in dense]}
+        wins = 0
+        for rows in args.rows:
+            x = torch.randn(rows, in_features)
+            times: dict[str, list[float]] = {side: [] for side in sides}
+            budget = max(10, args.calls // max(1, rows // 8))
+            for call in range(budget):
+                for side in sides:
+                    started = time.perf_counter()
+                    calls[side][call % copies](x)
+                    times[side].append(time.perf_counter() - started)
+            medians = {side: statistics.median(values[budget // 10 :]) for side, values in times.items()}
+            if medians["native int4"] < medians["dequantized"]:
+                wins = rows
+            print(f"{name + f' {out_features}x{in_features}':>16} {rows:>4} "
+                  + " ".join(f"{medians[side] * 1e6:12.1f}" for side in sides))
+        print(f"{name}: the native kernel wins up to {wins} rows (of those measured)")
 
 
 def compare_engines(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 from fixtures_model import make_float32_llm
+from fixtures_native import KERNEL_ISAS
 from hf_reference import ReferenceResult, reference_greedy
 
 from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS, long_prompt
@@ -127,3 +128,22 @@ def test_prefill_on_one_engine_decode_on_another(
     assert output.num_cached_tokens == 32
     assert_parity([output], [references[10]], "partial handoff")
     decoder.close()
+
+
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_the_native_kernels_of_every_level_match_the_reference(
+    checkpoint: Checkpoint, prompt_ids: list[list[int]], references: list[ReferenceResult], isa: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Decode attention, RoPE + KV write, the norms and the activation on each instruction-set
+    level this CPU runs (PDSERVE_KERNEL_ISA caps the engine's choice), the long prompt included."""
+    monkeypatch.setenv("PDSERVE_KERNEL_ISA", isa)
+    llm = make_float32_llm(checkpoint, attention="native")
+    try:
+        native = llm.engine.model.native
+        assert native is not None and {build.isa for build in native.builds.values()} == {isa}
+        subset = [0, 4, 9, 10]
+        outputs = llm.generate([prompt_ids[i] for i in subset], GREEDY)
+    finally:
+        llm.close()
+    assert_parity(outputs, [references[i] for i in subset], f"native {isa}")

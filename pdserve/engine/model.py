@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.attention import AttentionMetadata, paged_attention, write_kv
+from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.device import cpu_has_fast_bf16
 from pdserve.engine.environment import kernels_line
 from pdserve.engine.hybrid_linear import HybridLinear
@@ -79,7 +80,6 @@ def _native_kernels(attention: str, device: torch.device, fast_bf16: bool) -> Na
             raise ValueError(f"attention='native' is a CPU kernel; the model is on {device}")
         return None
     kernels = load_native_kernels()
-    log.info("native kernels: %s", kernels_line(kernels))
     if kernels is None and attention == "native":
         raise RuntimeError("attention='native': the kernels could not be built here (see the warning above); "
                            "use attention='torch'")
@@ -199,6 +199,13 @@ class LlamaModel:
         self._cos = angles.cos().to(device)
         self._sin = angles.sin().to(device)
         self.max_positions = max_positions
+        # What runs and why, once at start: a slow machine should say why it is slow.
+        layer_ops = kernels_line(self.native) if self.native is not None else (
+            f"torch (attention={attention}" + (", which takes them for bf16 on bf16 CPUs)" if attention == "auto" else ")"))
+        log.info("model on %s: dtype %s, weight format %s; layer ops: %s; quantized layers: %s",
+                 cpu_features().describe() if device.type == "cpu" else device, str(dtype).removeprefix("torch."),
+                 weight_format, layer_ops,
+                 kernels_line(self.linear_kernels) if weight_format in ("int8", "int4") else "n/a")
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.native is not None and self.native.rms_norm is not None:
