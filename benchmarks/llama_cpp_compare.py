@@ -107,7 +107,7 @@ def main() -> None:
     file_bytes = os.path.getsize(path)
     ceilings = {"llama.cpp": bandwidth / file_bytes, "pdserve": bandwidth / decode_weight_bytes(model)}
     print(f"{cpu_features().describe()}; {args.threads} thread(s); copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"pdserve int4 kernels: {kernels_line(model.linear_kernels)}")
+    print(f"pdserve int4 kernels: {kernels_line(model.native)}")
     print(f"ceilings (weights / bandwidth): llama.cpp {ceilings['llama.cpp']:.0f} tok/s ({file_bytes / 1e6:.0f} MB), "
           f"pdserve {ceilings['pdserve']:.0f} tok/s ({decode_weight_bytes(model) / 1e6:.0f} MB)")
     prompt = [(i * 7) % 1000 + 100 for i in range(args.context)]

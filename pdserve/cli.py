@@ -38,10 +38,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--attention",
         default="auto",
         choices=["auto", "native", "torch"],
-        help="decode attention and a layer's small ops: native (C++ kernels, the attention reading the "
-        "paged KV cache in place; CPU; built once per machine for its instruction set, see 'pdserve "
-        "env'), torch (gather + SDPA), or auto (default: native for bfloat16 on CPUs with bf16 "
-        "hardware, else torch). int8/int4 layers take the native int4/int8 kernels unless torch",
+        help="decode attention, a layer's small ops and the int4/int8 GEMVs: native (C++ kernels, the "
+        "attention reading the paged KV cache in place; CPU; built once per machine for its "
+        "instruction set, see 'pdserve env'), torch (gather + SDPA, torch's kernels), or auto "
+        "(default: native where the CPU has AVX2 or AVX-512, else torch)",
     )
     parser.add_argument(
         "--large-batch-float32",

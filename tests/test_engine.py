@@ -270,9 +270,9 @@ def test_quantized_weights_generate_the_same_answer(checkpoint: Checkpoint, weig
     model = llm.engine.model
     # int4 layers take the native kernel where it is vectorized here (AVX2 or AVX512-VNNI),
     # and torch's int4 kernel elsewhere; the head of either format the native int8 kernel.
-    expected = HybridLinear if weight_format == "int4" and int4_linear_available(model.linear_kernels) else PackedLinear
+    expected = HybridLinear if weight_format == "int4" and int4_linear_available(model.native) else PackedLinear
     assert isinstance(model.layers[0].gate_up, expected)
-    if model.linear_kernels is not None and model.linear_kernels.int8_linear is not None:
+    if model.native is not None and model.native.int8_linear is not None:
         assert model.lm_head.kernel(1) == "native-int8"
     # A 40-token prompt: its prefill runs dense (torch's int4 kernel) or the native int4 kernel
     # (below its float32 crossover); decoding through the kernel.

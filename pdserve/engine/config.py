@@ -41,9 +41,10 @@ class ModelConfig:
     num_threads: int | None = None
     """torch intra-op threads on CPU; None leaves torch's default."""
     attention: str = "auto"
-    """Decode attention: "native" (a C++ kernel reading the paged cache in place, CPU only, built
-    on first use), "torch" (gather + SDPA), or "auto" (native for bfloat16 on CPUs with bf16
-    hardware, when it builds; torch otherwise, float32 included)."""
+    """Decode attention, a layer's small ops and the int4/int8 GEMVs: "native" (C++ kernels, the
+    attention reading the paged cache in place, CPU only, built on first use for the CPU's
+    instruction set), "torch" (gather + SDPA, torch's kernels), or "auto" (native where the CPU
+    has AVX2 or AVX-512 and they build; torch otherwise)."""
 
     large_batch_float32: bool = True
     """On CPUs where bf16 projections are packed for oneDNN, also keep float32 copies and multiply

@@ -40,8 +40,8 @@ def environment_report(build: bool = True) -> list[str]:
         f"kernel levels this CPU runs: {', '.join(levels)} "
         f"(PDSERVE_KERNEL_ISA={cap or 'auto'}; the engine takes the first)",
         f"dtype auto: {auto_dtype_reason(cpu)}",
-        "decode attention auto: " + ("native (bf16 CPU)" if cpu_has_fast_bf16() else
-                                     "torch (float32 on this CPU; --attention native takes the kernels)"),
+        "native kernels with --attention auto: " + ("no (only the portable level here; --attention native "
+                                                    "takes it)" if levels[0] == "portable" else f"yes, {levels[0]}"),
     ]
     if not build:
         return lines
