@@ -36,7 +36,7 @@ Round = Callable[[list[int], int], tuple[float, list[float]]]
 
 
 def llama_cpp_round(path: str, threads: int, context: int) -> Round:
-    from llama_cpp import Llama
+    from llama_cpp import Llama, llama_get_logits
 
     model = Llama(model_path=path, n_ctx=context + 256, n_batch=context, n_threads=threads,
                   n_threads_batch=threads, verbose=False)
@@ -48,7 +48,9 @@ def llama_cpp_round(path: str, threads: int, context: int) -> Round:
         prefill = time.perf_counter() - started
         times = []
         for _ in range(steps):
-            token = int(np.argmax(model.scores[model.n_tokens - 1]))
+            # The last evaluated token's logits (llama.cpp keeps only those without logits_all).
+            logits = np.ctypeslib.as_array(llama_get_logits(model.ctx), shape=(model.n_vocab(),))
+            token = int(np.argmax(logits))
             started = time.perf_counter()
             model.eval([token])
             times.append(time.perf_counter() - started)

@@ -259,14 +259,16 @@ def _load(levels: tuple[IsaLevel, ...], cpu: CpuFeatures, cache_root: Path) -> N
     )
 
 
-def compile_check(source: str, isa: str, cpu: CpuFeatures) -> str | None:
-    """Compile ``source`` for ``isa`` without running it (syntax and types only): None if it
-    compiles, else the compiler's first lines. For levels this CPU cannot run, so that a change
-    breaking the AVX-512 path fails on an AVX2 machine too, and the other way round."""
+def compile_check(source: str, isa: str, compiler: str | None = None) -> str | None:
+    """Compile ``source`` for ``isa`` without running it (syntax and types only), every optional
+    flag of the level on: None if it compiles, else the compiler's first lines. For levels this
+    CPU cannot run, so that a change breaking the AVX-512 path fails on an AVX2 machine too, and
+    the other way round; with a cross ``compiler`` (aarch64-linux-gnu-g++), for another
+    architecture's portable build."""
     from torch.utils.cpp_extension import include_paths
 
     flags = BASE_CFLAGS + ISA_LEVELS[isa].cflags + tuple(flag for _, flag in ISA_LEVELS[isa].optional)
-    command = [os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    command = [compiler or os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-DTORCH_API_INCLUDE_EXTENSION_H",
                f"-DPDSERVE_OPS=pdserve_{isa}", *flags, *(f"-isystem{path}" for path in include_paths()),
                str(NATIVE_DIRECTORY / f"{source}.cpp")]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
