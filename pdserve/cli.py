@@ -10,7 +10,9 @@ from pathlib import Path
 from pdserve.engine.config import WEIGHT_FORMATS
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, per_role_formats: bool = False) -> None:
+    """The engine's options; ``per_role_formats`` (serve): --weight-format is then optional and
+    sets every role's format, each role otherwise taking its own (role_formats.py)."""
     parser.add_argument(
         "--model",
         default=None,
@@ -26,9 +28,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--weight-format",
-        default="dense",
+        default=None if per_role_formats else "dense",
         choices=list(WEIGHT_FORMATS),
-        help="projection weights: dense (default); weight-only int8/int4 kernels that speed up "
+        help=("every worker's weights, overriding the per-role defaults (--prefill-weight-format, "
+             "--decode-weight-format); " if per_role_formats else "")
+        + "projection weights: dense (default); weight-only int8/int4 kernels that speed up "
         "CPU decoding (prefill batches still run dense); w8a8, int8 weights times int8 "
         "activations (quantized per token), fastest on CPUs with VNNI, at a cost in accuracy; "
         "w8a16, the same with activations as two int8 digits: slower than w8a8, nearly as "
@@ -223,7 +227,7 @@ def _add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     )
     add_serve_arguments(serve)
     add_logging_arguments(serve)
-    _add_model_args(serve)
+    _add_model_args(serve, per_role_formats=True)
     worker = commands.add_parser(
         "worker",
         help="one engine behind the internal API the router calls",

@@ -17,9 +17,11 @@ import openai
 import psutil
 import pytest
 import schemathesis
+from fixtures_model import CAPITAL_PROMPT
 from hf_reference import reference_greedy
 
 from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS
+from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.loader import Checkpoint
 from pdserve.serving.router import RouterConfig, create_router_app
 
@@ -68,7 +70,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    running = Server()
+    # Every role dense: the configuration whose greedy output equals Hugging Face's.
+    running = Server("--weight-format", "dense")
     yield running
     running.stop()
 
@@ -153,6 +156,24 @@ def test_seeded_n2_is_reproducible(server: Server) -> None:
     first = sample()
     assert sample() == first
     assert first[0] != first[1], "two seeded choices should differ"
+
+
+def test_serve_gives_each_pool_the_format_of_its_phase() -> None:
+    """By default prefill workers load dense weights and decode workers int4 where the CPU has the
+    native int4 kernel (role_formats.py); the pair still answers the capital question."""
+    running = Server()
+    try:
+        formats = {}
+        for url in running.workers:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+            formats[health["role"]] = health["weight_format"]
+        vectorized = cpu_features().isa_levels()[0] != "portable"
+        assert formats == {"prefill": "dense", "decode": "int4" if vectorized else "dense"}
+        answer = running.client.completions.create(model=running.model, prompt=CAPITAL_PROMPT, max_tokens=4,
+                                                   temperature=0)
+        assert answer.choices[0].text.startswith(" Paris")
+    finally:
+        running.stop()
 
 
 def test_colocated_mode_gives_the_same_tokens(server: Server, colocated: Server) -> None:

@@ -7,6 +7,8 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
+from pdserve.engine.config import WEIGHT_FORMATS
+
 if TYPE_CHECKING:
     from pdserve.serving.router import RouterConfig
 
@@ -109,6 +111,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colocated", action="store_true",
                         help="run --workers colocated (prefill+decode) workers instead: the monolithic baseline")
     parser.add_argument("--workers", type=int, default=1, help="colocated workers with --colocated (default: 1)")
+    formats = ["auto", *WEIGHT_FORMATS]
+    parser.add_argument("--prefill-weight-format", default="auto", choices=formats,
+                        help="prefill workers' weights (default: auto = --weight-format if given, else dense: "
+                        "prefill is bound by arithmetic)")
+    parser.add_argument("--decode-weight-format", default="auto", choices=formats,
+                        help="decode workers' weights (default: auto = --weight-format if given, else int4 where "
+                        "the CPU has the native int4 kernel (AVX2 or AVX-512), else dense: decode is bound by "
+                        "reading weights). Colocated workers take --weight-format (default dense)")
     parser.add_argument("--kv-memory-mb", type=int, default=512, help="KV cache budget per worker in MiB")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
     add_policy_arguments(parser)

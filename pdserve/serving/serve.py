@@ -15,9 +15,11 @@ import time
 
 import uvicorn
 
+from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.loader import resolve_model_path
 from pdserve.logs import configure_logging
 from pdserve.serving.cli_args import router_config_from_args
+from pdserve.serving.role_formats import role_format
 from pdserve.serving.router import create_router_app
 from pdserve.serving.supervisor import ProcessGroup
 
@@ -42,6 +44,9 @@ def run_serve(args: argparse.Namespace) -> int:
     model = str(resolve_model_path(args.model, show_progress=True))  # fetch once, before any worker
     cores = sorted(os.sched_getaffinity(0))
     roles = ["both"] * args.workers if args.colocated else ["prefill"] * args.prefill + ["decode"] * args.decode
+    # Each pool on the kernels that suit its phase (role_formats.py).
+    role_flags = {"prefill": args.prefill_weight_format, "decode": args.decode_weight_format, "both": "auto"}
+    formats = {role: role_format(role, role_flags[role], args.weight_format, cpu_features()) for role in set(roles)}
     group = ProcessGroup(log)
     urls: dict[str, list[str]] = {"prefill": [], "decode": [], "both": []}
     try:
@@ -51,7 +56,7 @@ def run_serve(args: argparse.Namespace) -> int:
             cpus = str(cores[index % len(cores)]) if len(roles) > 1 else f"{cores[0]}-{cores[-1]}"
             argv = [
                 "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
-                "--model", model, "--dtype", args.dtype, "--weight-format", args.weight_format,
+                "--model", model, "--dtype", args.dtype, "--weight-format", formats[role].weight_format,
                 "--attention", args.attention,
                 "--large-batch-float32" if args.large_batch_float32 else "--no-large-batch-float32",
                 "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
@@ -59,7 +64,8 @@ def run_serve(args: argparse.Namespace) -> int:
             ]
             group.spawn(f"{role} worker {index}", url, argv)
             urls[role].append(url)
-            log(f"starting {role} worker on core(s) {cpus}")
+            log(f"starting {role} worker on core(s) {cpus}, weights {formats[role].weight_format} "
+                f"({formats[role].why})")
         group.wait_healthy(args.ready_timeout, log)
         group.watch()
         config = router_config_from_args(

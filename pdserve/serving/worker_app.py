@@ -86,6 +86,7 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
         return {
             "status": "ok", "role": role, "model": service.engine.model_name,
             "kv_address": service.connector.address, "max_model_len": service.engine.max_model_len,
+            "weight_format": service.engine.config.model.weight_format,
         }
 
     @app.get("/internal/tokenizer")
