@@ -283,7 +283,7 @@ def main() -> int:
     kernels = load_native_kernels()
     if kernels is None or kernels.failures:
         print("\n" + "!" * 78 + "\npdserve: WARNING: native kernels failed to build (the compiler's words above);"
-              "\nthe ops below marked 'torch' run on the slower torch path.\n" + "!" * 78, file=sys.stderr)
+              "\nthe ops 'pdserve env' marks 'torch' run on the slower torch path.\n" + "!" * 78, file=sys.stderr)
     if kernels is None:
         return 1
     print(f"pdserve: native kernels ready ({', '.join(sorted({b.isa for b in kernels.builds.values()}))})",
