@@ -1,9 +1,10 @@
-"""Time dense fp32 vs int8 vs int4 PackedLinear on SmolLM2-135M's matrix shapes.
+"""Time dense fp32 vs torch's int8 and int4 kernels on SmolLM2-135M's matrix shapes.
 
 Prints median (or --min) microseconds per call for each (threads, shape, batch), the three
 formats run interleaved in every round so machine noise hits them alike; then the cost of
-dequantizing each shape to fp32 (what a hybrid layer pays per call above its dense_above
-threshold); with --model, whole 30-layer stacks per format, hybrids included.
+dequantizing each shape to fp32 (what a routed layer pays per call above its crossover rows);
+with --model, whole 30-layer stacks per format, routed ones included. The crossover rows the
+engine uses are measured by crossover_rows.py.
 
 Weights are cold, as in a real forward pass where ~30 layers of weights stream through a cache
 far smaller than the model: each format cycles through enough copies of a matrix to overflow
@@ -18,7 +19,6 @@ on the small matrices).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import functools
 import os
@@ -28,7 +28,21 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, WEIGHT_FORMATS, PackedLinear
+from pdserve.engine.layers.linear import DenseLinear, DequantizedLinear, Linear
+from pdserve.engine.layers.routing import RowRouted
+from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
+
+FORMATS = ("dense", "int8", "int4")
+ROUTED_ROWS = {"int8": 24, "int4": 32}
+"""Rows up to which the routed variants of --model run the quantized kernel."""
+
+
+def make_layer(weight: torch.Tensor, weight_format: str, routed_rows: int | None = None) -> Linear:
+    """dense: F.linear; int8/int4: torch's kernel, routed to a dequantized GEMM above routed_rows."""
+    if weight_format == "dense":
+        return DenseLinear(weight.clone())  # a copy of its own, as each quantized layer has
+    quantized = TorchQuantizedLinear(weight, weight_format, keep_nibbles=routed_rows is not None)
+    return quantized if routed_rows is None else RowRouted(quantized, DequantizedLinear(quantized), routed_rows)
 
 # (name, out_features, in_features) of SmolLM2-135M's GEMMs.
 SHAPES = (
@@ -48,9 +62,11 @@ COLD_BYTES = 96 << 20
 class Rotation:
     """Calls copies of one layer in turn, so successive calls find no weight in cache."""
 
-    def __init__(self, layer: PackedLinear, x: torch.Tensor, cold_bytes: int) -> None:
-        num_copies = max(1, -(-cold_bytes // layer.nbytes))
-        self.layers = [layer] + [copy.deepcopy(layer) for _ in range(num_copies - 1)]
+    def __init__(self, make: Callable[[], Linear], x: torch.Tensor, cold_bytes: int) -> None:
+        # Each copy built anew: a deep copy would share the tensors its kernel closure binds.
+        layer = make()
+        num_copies = max(1, -(-cold_bytes // layer.kernel_bytes))
+        self.layers = [layer] + [make() for _ in range(num_copies - 1)]
         self.x = x
         self.next_index = 0
 
@@ -101,8 +117,8 @@ def kernel_table(batches: list[int], timer: Timer, warm: bool) -> None:
         weight = torch.randn(out_features, in_features) * 0.02
         empty = torch.empty(0)
         rotations = [
-            Rotation(PackedLinear(weight, fmt), empty, 0 if warm else COLD_BYTES)
-            for fmt in WEIGHT_FORMATS
+            Rotation(functools.partial(make_layer, weight, fmt), empty, 0 if warm else COLD_BYTES)
+            for fmt in FORMATS
         ]
         for batch in batches:
             x = torch.randn(batch, in_features)
@@ -115,13 +131,12 @@ def kernel_table(batches: list[int], timer: Timer, warm: bool) -> None:
 
 
 def dequantize_table(timer: Timer) -> None:
-    print(f"dequantize to fp32 (a hybrid layer's extra cost per dense call), {timer.label} us")
+    print(f"dequantize to fp32 (a routed layer's extra cost per dense call), {timer.label} us")
     print(f"{'shape':<18}{'int8':>10}{'int4':>10}")
     for name, out_features, in_features in SHAPES:
         weight = torch.randn(out_features, in_features) * 0.02
-        # dense_above=0 makes int4 keep the nibble copy it dequantizes from.
-        hybrids = [PackedLinear(weight, fmt, dense_above=0) for fmt in ("int8", "int4")]
-        times = timer.time_us([hybrid.dequantize for hybrid in hybrids])
+        layers = [TorchQuantizedLinear(weight, fmt, keep_nibbles=True) for fmt in ("int8", "int4")]
+        times = timer.time_us([layer.dequantize for layer in layers])
         label = f"{name} {out_features}x{in_features}"
         print(f"{label:<18}{times[0]:>10.0f}{times[1]:>10.0f}")
 
@@ -130,39 +145,37 @@ MODEL_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
     ("dense", "dense", None),
     ("int8", "int8", None),
     ("int4", "int4", None),
-    ("int8 hybrid", "int8", DEFAULT_DENSE_ABOVE["int8"]),
-    ("int4 hybrid", "int4", DEFAULT_DENSE_ABOVE["int4"]),
+    ("int8 routed", "int8", ROUTED_ROWS["int8"]),
+    ("int4 routed", "int4", ROUTED_ROWS["int4"]),
 )
 
 
-def build_model_stacks() -> list[list[PackedLinear]]:
+def build_model_stacks() -> list[list[Linear]]:
     """Per variant, the 30 layers' four GEMMs in the order a forward step runs them."""
     stacks = []
-    for _, weight_format, dense_above in MODEL_VARIANTS:
-        per_shape = [
-            PackedLinear(torch.randn(out_f, in_f) * 0.02, weight_format, dense_above=dense_above)
-            for _, out_f, in_f in SHAPES[:-1]  # the LM head runs once per step, not per layer
-        ]
-        copies = [[copy.deepcopy(layer) for layer in per_shape] for _ in range(NUM_LAYERS - 1)]
-        stacks.append([layer for layers in [per_shape, *copies] for layer in layers])
+    for _, weight_format, routed_rows in MODEL_VARIANTS:
+        shapes = [(out_f, in_f) for _, out_f, in_f in SHAPES[:-1]]  # the LM head runs once per step
+        weights = [torch.randn(out_f, in_f) * 0.02 for out_f, in_f in shapes]
+        # Each layer built anew: a deep copy would share the tensors its kernel closure binds.
+        stacks.append([make_layer(weight, weight_format, routed_rows) for _ in range(NUM_LAYERS) for weight in weights])
     return stacks
 
 
-def model_table(stacks: list[list[PackedLinear]], batches: list[int], timer: Timer) -> None:
+def model_table(stacks: list[list[Linear]], batches: list[int], timer: Timer) -> None:
     print(
         f"{NUM_LAYERS} layers x (qkv, o, gate_up, down), {timer.label} ms per step "
-        f"(speed-up over dense); hybrids use dense_above={DEFAULT_DENSE_ABOVE}"
+        f"(speed-up over dense); routed variants take the kernel up to {ROUTED_ROWS} rows"
     )
     print(f"{'T':>5}" + "".join(f"{name:>18}" for name, _, _ in MODEL_VARIANTS))
-    megabytes = [sum(layer.nbytes for layer in stack) / 1e6 for stack in stacks]
-    print(f"{'MB':>5}" + "".join(f"{size:>18.0f}" for size in megabytes))
+    megabytes = [sum(layer.kernel_bytes for layer in stack) / 1e6 for stack in stacks]
+    print(f"{'MB/1':>5}" + "".join(f"{size:>18.0f}" for size in megabytes))
     for batch in batches:
         inputs = {size: torch.randn(batch, size) for size in (576, 1536)}
-        # At or below its threshold a hybrid runs exactly its kernel: not timed again.
+        # At or below its rows a routed variant runs exactly its kernel: not timed again.
         timed = [
             i
-            for i, (_, _, dense_above) in enumerate(MODEL_VARIANTS)
-            if dense_above is None or batch > dense_above
+            for i, (_, _, routed_rows) in enumerate(MODEL_VARIANTS)
+            if routed_rows is None or batch > routed_rows
         ]
         steps = [functools.partial(run_stack, stacks[i], inputs) for i in timed]
         times = dict(zip(timed, timer.time_us(steps), strict=True))
@@ -173,7 +186,7 @@ def model_table(stacks: list[list[PackedLinear]], batches: list[int], timer: Tim
         print(f"{batch:>5}" + "".join(cells))
 
 
-def run_stack(stack: list[PackedLinear], inputs: dict[int, torch.Tensor]) -> None:
+def run_stack(stack: list[Linear], inputs: dict[int, torch.Tensor]) -> None:
     for layer in stack:
         layer(inputs[layer.in_features])
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pdserve.engine.config import WEIGHT_FORMATS
+from pdserve.engine.layers.formats import WEIGHT_FORMATS
 
 
 def _add_model_args(parser: argparse.ArgumentParser, per_role_formats: bool = False) -> None:
@@ -32,11 +32,7 @@ def _add_model_args(parser: argparse.ArgumentParser, per_role_formats: bool = Fa
         choices=list(WEIGHT_FORMATS),
         help=("every worker's weights, overriding the per-role defaults (--prefill-weight-format, "
              "--decode-weight-format); " if per_role_formats else "")
-        + "projection weights: dense (default); weight-only int8/int4 kernels that speed up "
-        "CPU decoding (prefill batches still run dense); w8a8, int8 weights times int8 "
-        "activations (quantized per token), fastest on CPUs with VNNI, at a cost in accuracy; "
-        "w8a16, the same with activations as two int8 digits: slower than w8a8, nearly as "
-        "accurate as bf16; int4+w8a16: int4 for decode batches, w8a16 above (bf16 CPUs)",
+        + "projection weights: " + "; ".join(f"{name}: {what}" for name, what in WEIGHT_FORMATS.items()),
     )
     parser.add_argument(
         "--attention",
@@ -52,7 +48,8 @@ def _add_model_args(parser: argparse.ArgumentParser, per_role_formats: bool = Fa
         action=argparse.BooleanOptionalAction,
         default=True,
         help="on CPUs where bf16 weights are packed for oneDNN, keep float32 copies and multiply "
-        "batches above 48 rows (prefill chunks) in float32, faster there (default: on; costs 4 "
+        "large batches (prefill chunks; rows per the crossover table, pdserve env) in float32, faster "
+        "there (default: on; costs 4 "
         "bytes per weight; see docs/engine.md)",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")

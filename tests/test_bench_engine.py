@@ -98,12 +98,12 @@ def test_table_renders_without_hf() -> None:
 def test_decode_floor_counts_what_the_quantized_kernels_read() -> None:
     import torch
 
-    from pdserve.engine.quantization import PackedLinear
+    from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
 
     weight = torch.randn(64, 128)
-    int8 = PackedLinear(weight, "int8")
+    int8 = TorchQuantizedLinear(weight, "int8")
     assert int8.kernel_bytes == 64 * 128 + 2 * 64 == int8.nbytes
-    int4 = PackedLinear(weight, "int4", group_size=32, dense_above=8)
-    # Half a byte per weight plus a bf16 scale and zero per group; the dense-fallback copy is
-    # held (nbytes) but not read by the decode kernel.
+    int4 = TorchQuantizedLinear(weight, "int4", group_size=32, keep_nibbles=True)
+    # Half a byte per weight plus a bf16 scale and zero per group; the nibble copy for the
+    # dense fallback is held (nbytes) but not read by the decode kernel.
     assert int4.kernel_bytes == 64 * 128 // 2 + 4 * 64 * (128 // 32) < int4.nbytes

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.handoff import IncompatibleHandoffError
-from pdserve.engine.hybrid_linear import HybridLinear
-from pdserve.engine.int4_linear import int4_linear_available
+from pdserve.engine.layers.int4 import Int4Linear, int4_linear_available
+from pdserve.engine.layers.routing import RowRouted
+from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint, ModelNotFoundError
-from pdserve.engine.quantization import PackedLinear
 from pdserve.engine.sampling_params import SamplingParams
 
 PROMPT = "The three most important inventions in history are"
@@ -270,8 +270,9 @@ def test_quantized_weights_generate_the_same_answer(checkpoint: Checkpoint, weig
     model = llm.engine.model
     # int4 layers take the native kernel where it is vectorized here (AVX2 or AVX512-VNNI),
     # and torch's int4 kernel elsewhere; the head of either format the native int8 kernel.
-    expected = HybridLinear if weight_format == "int4" and int4_linear_available(model.native) else PackedLinear
-    assert isinstance(model.layers[0].gate_up, expected)
+    expected = Int4Linear if weight_format == "int4" and int4_linear_available(model.native) else TorchQuantizedLinear
+    layer = model.layers[0].gate_up
+    assert isinstance(layer, RowRouted) and isinstance(layer.small, expected)
     if model.native is not None and model.native.int8_linear is not None:
         assert model.lm_head.kernel(1) == "native-int8"
     # A 40-token prompt: its prefill runs dense (torch's int4 kernel) or the native int4 kernel

@@ -8,10 +8,13 @@ import pytest
 import torch
 from fixtures_native import seeded_randn
 
-from pdserve.engine.hybrid_linear import NATIVE_INT4_DENSE_ABOVE, HybridLinear
-from pdserve.engine.int4_linear import Int4Linear, int4_linear_available, pack_int4, unpack_int4
+from pdserve.engine.layers.build import LayerTarget, build_linear
+from pdserve.engine.layers.formats import crossover_rows
+from pdserve.engine.layers.int4 import Int4Linear, int4_linear_available, pack_int4, unpack_int4
+from pdserve.engine.layers.quantize import quantize_int4
+from pdserve.engine.layers.routing import RowRouted
+from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
 from pdserve.engine.native_kernels import NativeKernels
-from pdserve.engine.quantization import quantize_int4
 
 
 def two_digit_activations(kernels: NativeKernels, x: torch.Tensor) -> torch.Tensor:
@@ -44,12 +47,12 @@ def test_int4_linear_equals_its_definition_in_float32(
     layer = Int4Linear(seeded_randn(out_features, in_features) * 0.05, native)
     x = seeded_randn(rows, in_features, seed=1)
     got = layer(x)
-    expected = two_digit_activations(native, x) @ layer.dequantized().double().t()
+    expected = two_digit_activations(native, x) @ unpack_int4(layer.packed).double().t()
     assert got.dtype == torch.float32 and got.shape == (rows, out_features)
     # float32 sums in another order: relative to the output's scale, far below bf16's resolution.
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-6 * expected.abs().max().item())
     # Two digits carry x to about 15 bits: the product is within a few 1e-4 of x's own.
-    exact = x.double() @ layer.dequantized().double().t()
+    exact = x.double() @ unpack_int4(layer.packed).double().t()
     assert (got.double() - exact).abs().max() < 5e-4 * exact.abs().max()
 
 
@@ -58,7 +61,7 @@ def test_int4_linear_in_bf16_adds_the_residual_before_its_one_rounding(native: N
     x = seeded_randn(3, 576, seed=2).bfloat16()
     residual = seeded_randn(3, 576, seed=3).bfloat16()
     got = layer(x, residual)
-    expected = two_digit_activations(native, x) @ layer.dequantized().double().t() + residual.double()
+    expected = two_digit_activations(native, x) @ unpack_int4(layer.packed).double().t() + residual.double()
     assert got.dtype == torch.bfloat16
     # One rounding to bf16: within half a bf16 step (2^-8 relative), plus float32 summation.
     assert ((got.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-5).all()
@@ -100,23 +103,26 @@ def test_int4_dequantize_gives_the_packed_weights(native: NativeKernels) -> None
     got = native.int4_dequantize(layer.packed)
     assert got.dtype == torch.float32 and got.shape == (96, 576)
     # d * q + m, fused or not into one rounding: within a float32 step of the torch unpacking.
-    torch.testing.assert_close(got, layer.dequantized(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got, unpack_int4(layer.packed), rtol=1e-6, atol=1e-7)
 
 
-def test_a_float32_int4_hybrid_multiplies_small_batches_by_the_kernel_and_large_by_a_gemm(
+def test_a_float32_int4_layer_multiplies_small_batches_by_the_kernel_and_large_by_a_gemm(
     native: NativeKernels,
 ) -> None:
     weight = seeded_randn(96, 128) * 0.05
-    if not int4_linear_available(native):
-        with pytest.raises(ValueError, match="needs the native int4 kernel"):
-            HybridLinear(weight, "int4", dense=None, native=native)
+    target = LayerTarget(torch.float32, torch.device("cpu"), native)
+    layer = build_linear(weight, "int4", target)
+    assert isinstance(layer, RowRouted)
+    if not int4_linear_available(native):  # the portable build: torch's int4 kernel
+        assert isinstance(layer.small, TorchQuantizedLinear)
         return
-    hybrid = HybridLinear(weight, "int4", dense=None, native=native)
-    assert isinstance(hybrid.quantized, Int4Linear) and hybrid.dense_above == NATIVE_INT4_DENSE_ABOVE["float32"]
-    rows = hybrid.dense_above
+    assert isinstance(layer.small, Int4Linear)
+    assert layer.small_rows == crossover_rows("native-int4", "dequantized", target.level)
+    assert layer.kernel(1) == "native-int4" and layer.kernel(layer.small_rows + 1) == "dequantized"
+    rows = layer.small_rows
     x, residual = seeded_randn(rows + 1, 128, seed=1), seeded_randn(rows + 1, 96, seed=2)
-    assert torch.equal(hybrid(x[:rows], residual[:rows]), hybrid.quantized(x[:rows], residual[:rows]))
+    assert torch.equal(layer(x[:rows], residual[:rows]), layer.small(x[:rows], residual[:rows]))
     # Above the threshold: float32 arithmetic on the same 4-bit weights, x unquantized.
-    exact = x.double() @ hybrid.quantized.dequantized().double().t() + residual.double()
-    torch.testing.assert_close(hybrid(x, residual).double(), exact, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(hybrid(x).double(), exact - residual.double(), rtol=1e-5, atol=1e-5)
+    exact = x.double() @ unpack_int4(layer.small.packed).double().t() + residual.double()
+    torch.testing.assert_close(layer(x, residual).double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x).double(), exact - residual.double(), rtol=1e-5, atol=1e-5)

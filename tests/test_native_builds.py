@@ -100,6 +100,8 @@ def test_pdserve_env_names_the_path_of_every_op() -> None:
     assert "PDSERVE_KERNEL_ISA=portable" in result.stdout
     for ops in SOURCE_OPS.values():
         assert f"  {', '.join(ops)}: portable" in lines
+    # The layers' crossover rows, from the table's section for the CPU's own level.
+    assert any(line.startswith(f"crossover rows ({cpu_features().isa_levels()[0]}") for line in lines)
     refused = run_env("sse9")
     assert refused.returncode == 2 and "unknown kernel ISA 'sse9'" in refused.stderr
     assert "Traceback" not in refused.stderr

@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 from fixtures_model import checkpoint  # noqa: F401
 
+from pdserve.engine.layers.build import LayerTarget, dense_layer
+from pdserve.engine.layers.onednn import OneDnnLinear, onednn_bf16_available
+from pdserve.engine.layers.routing import RowRouted
 from pdserve.engine.loader import Checkpoint
-from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
 
 CPU = torch.device("cpu")
 needs_onednn_bf16 = pytest.mark.skipif(
@@ -45,28 +47,30 @@ def test_bf16_model_packs_its_projections_and_head(checkpoint: Checkpoint) -> No
 
     model = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.bfloat16, CPU, max_positions=64)
     layer = model.layers[0]
-    assert all(isinstance(w, OneDnnLinear) for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
-    assert model.lm_head.kernel(1) == "onednn"
+    # Packed for oneDNN, with a float32 copy for large batches.
+    assert all(w.kernel(1) == "onednn-bf16" and w.kernel(512) == "dense-float32"
+               for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert model.lm_head.kernel(1) == "onednn-bf16"
     # The engine benchmark's bandwidth floor still counts every weight once (the head is tied).
     from pdserve.bench.engine import decode_weight_bytes
 
     assert checkpoint.architecture.tie_word_embeddings
     assert decode_weight_bytes(model) == 2 * sum(w.numel() for w in checkpoint.weights.values())
     fp32 = LlamaModel(checkpoint.architecture, checkpoint.weights, torch.float32, CPU, max_positions=64)
-    assert isinstance(fp32.layers[0].qkv, torch.Tensor) and fp32.lm_head.kernel(1) == "dense"
+    assert fp32.layers[0].qkv.kernel(1) == "dense-float32" and fp32.lm_head.kernel(1) == "dense-float32"
 
 
 @needs_onednn_bf16
 def test_large_batches_multiply_the_float32_copy(checkpoint: Checkpoint) -> None:  # noqa: F811
-    from pdserve.engine.onednn_linear import FLOAT32_ABOVE
-
     stored = checkpoint.weights["model.layers.5.mlp.down_proj.weight"].float()
-    layer = OneDnnLinear(stored.to(torch.bfloat16), stored)
+    layer = dense_layer(stored, LayerTarget(torch.bfloat16, CPU))
+    assert isinstance(layer, RowRouted)
+    rows = layer.small_rows
     plain = OneDnnLinear(stored.to(torch.bfloat16))
     generator = torch.Generator().manual_seed(0)
-    small = torch.randn(FLOAT32_ABOVE, stored.shape[1], generator=generator).to(torch.bfloat16)
-    large = torch.randn(FLOAT32_ABOVE + 1, stored.shape[1], generator=generator).to(torch.bfloat16)
-    residual = torch.randn(FLOAT32_ABOVE + 1, stored.shape[0], generator=generator).to(torch.bfloat16)
+    small = torch.randn(rows, stored.shape[1], generator=generator).to(torch.bfloat16)
+    large = torch.randn(rows + 1, stored.shape[1], generator=generator).to(torch.bfloat16)
+    residual = torch.randn(rows + 1, stored.shape[0], generator=generator).to(torch.bfloat16)
     # Up to the threshold the packed bf16 kernel, bit for bit; above it float32 on the stored
     # weight, rounded once to bf16, residual included.
     assert torch.equal(layer(small), plain(small))
@@ -74,8 +78,6 @@ def test_large_batches_multiply_the_float32_copy(checkpoint: Checkpoint) -> None
     expected = torch.addmm(residual.float(), large.float(), stored.t()).to(torch.bfloat16)
     assert torch.equal(layer(large, residual), expected)
     assert not torch.equal(plain(large), layer(large))
-    with pytest.raises(ValueError, match="not the weight's shape"):
-        OneDnnLinear(stored.to(torch.bfloat16), stored.t())
 
 
 @needs_onednn_bf16
@@ -85,13 +87,13 @@ def test_the_float32_copies_are_kept_unless_turned_off(checkpoint: Checkpoint) -
     arch, weights = checkpoint.architecture, checkpoint.weights
     with_copies = LlamaModel(arch, weights, torch.bfloat16, CPU, max_positions=64)
     without = LlamaModel(arch, weights, torch.bfloat16, CPU, max_positions=64, large_batch_float32=False)
-    assert "float32 copy" in repr(with_copies.layers[0].qkv)
-    assert "float32 copy" not in repr(without.layers[0].qkv)
+    assert with_copies.layers[0].qkv.kernel(512) == "dense-float32"
+    assert without.layers[0].qkv.kernel(512) == "onednn-bf16"
     # The offline API passes the switch through to the model.
     from pdserve.engine.llm import LLM
 
     llm = LLM(dtype="bfloat16", large_batch_float32=False, checkpoint=checkpoint, show_progress=False)
     try:
-        assert "float32 copy" not in repr(llm.engine.model.layers[0].down)
+        assert llm.engine.model.layers[0].down.kernel(512) == "onednn-bf16"
     finally:
         llm.close()

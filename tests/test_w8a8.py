@@ -1,4 +1,4 @@
-"""int8 x int8 linear layers (w8a8_linear.py): the native row quantizer and rescaler against their
+"""int8 x int8 linear layers (layers/w8a8.py): the native row quantizer and rescaler against their
 torch definitions, the layer against float arithmetic, and w8a8 engines answering like dense."""
 
 from __future__ import annotations
@@ -8,13 +8,16 @@ import torch
 from fixtures_model import capital_answer, checkpoint, make_small_llm  # noqa: F401
 from fixtures_native import seeded_randn
 
-from pdserve.engine.hybrid_linear import NATIVE_INT4_DENSE_ABOVE, ONEDNN_DENSE_ABOVE, HybridLinear
-from pdserve.engine.int4_linear import Int4Linear, int4_linear_available
+from pdserve.engine.cpu_features import cpu_features
+from pdserve.engine.layers.formats import crossover_rows
+from pdserve.engine.layers.int4 import Int4Linear, int4_linear_available
+from pdserve.engine.layers.onednn import onednn_bf16_available
+from pdserve.engine.layers.quantize import quantize_int8
+from pdserve.engine.layers.routing import RowRouted
+from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
+from pdserve.engine.layers.w8a8 import W8A8Linear, dequantize, quantize_rows
 from pdserve.engine.loader import Checkpoint
 from pdserve.engine.native_kernels import NativeKernels
-from pdserve.engine.onednn_linear import onednn_bf16_available
-from pdserve.engine.quantization import PackedLinear, quantize_int8
-from pdserve.engine.w8a8_linear import W8A8Linear, dequantize, quantize_rows
 
 
 @pytest.mark.parametrize("digits", [1, 2])
@@ -117,7 +120,7 @@ def test_w8a8_layer_is_close_to_float_arithmetic_native_or_not(native: NativeKer
     torch.testing.assert_close(with_residual.float(), plain(x, residual).float(), rtol=2**-7, atol=1e-2)
     # Rows are quantized independently: a row's result does not depend on its batch.
     assert torch.equal(fast(x[:1]), y[:1])
-    assert fast.nbytes == 384 * 576 + 4 * 384
+    assert fast.kernel_bytes == 384 * 576 + 4 * 384
 
 
 def _dequantized(weight: torch.Tensor) -> torch.Tensor:
@@ -158,18 +161,18 @@ def test_an_int4_w8a16_engine_decodes_int4_and_prefills_w8a16(checkpoint: Checkp
         model = llm.engine.model
         layer = model.layers[0].gate_up
         native_int4 = int4_linear_available(model.native)
-        expected_threshold = NATIVE_INT4_DENSE_ABOVE["w8a16"] if native_int4 else ONEDNN_DENSE_ABOVE["int4"]
-        assert isinstance(layer, HybridLinear) and layer.dense_above == expected_threshold
-        assert isinstance(layer.dense, W8A8Linear) and layer.dense.activation_digits == 2
+        assert isinstance(layer, RowRouted)
+        small_kernel = "native-int4" if native_int4 else "torch-int4"
+        assert layer.small_rows == crossover_rows(small_kernel, "w8a16", cpu_features().isa_levels()[0])
+        assert isinstance(layer.large, W8A8Linear) and layer.large.activation_digits == 2
         # The head: int8 weights with float activations for decodes, w8a16 above.
         assert model.lm_head.kernel(1) == "native-int8" and model.lm_head.kernel(64) == "w8a16"
         # A decode row runs the int4 kernel, a chunk above the threshold the w8a16 layer, bit for bit.
-        x = seeded_randn(layer.dense_above + 1, 576, seed=4).bfloat16()
-        assert torch.equal(layer(x), layer.dense(x))
+        x = seeded_randn(layer.small_rows + 1, 576, seed=4).bfloat16()
+        assert torch.equal(layer(x), layer.large(x))
         # (the native int4 x int8 kernel where the CPU has VNNI, as this one has; else torch's)
-        expected_type = Int4Linear if native_int4 else PackedLinear
-        assert isinstance(layer.quantized, expected_type)
-        assert torch.equal(layer(x[:1]), layer.quantized.matmul(x[:1]))
+        assert isinstance(layer.small, Int4Linear if native_int4 else TorchQuantizedLinear)
+        assert torch.equal(layer(x[:1]), layer.small(x[:1]))
         answer = capital_answer(llm)
     finally:
         llm.close()

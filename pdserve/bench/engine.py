@@ -287,25 +287,13 @@ def measure_ours(plan: BenchPlan) -> dict[str, Any]:
 def decode_weight_bytes(model: LlamaModel) -> int:
     """Bytes of weights one decode step reads: all projections and norms, the LM head once
     (with tied embeddings it is the embedding matrix; the lookup itself reads only a few rows)."""
-    from pdserve.engine.hybrid_linear import HybridLinear
-    from pdserve.engine.onednn_linear import OneDnnLinear
-    from pdserve.engine.quantization import PackedLinear
-    from pdserve.engine.w8a8_linear import W8A8Linear
+    def tensor_bytes(norm: torch.Tensor) -> int:
+        return norm.numel() * norm.element_size()
 
-    def read_bytes(weight: object) -> int:
-        if isinstance(weight, torch.Tensor):
-            return weight.numel() * weight.element_size()
-        if isinstance(weight, OneDnnLinear | W8A8Linear):
-            return weight.nbytes
-        if isinstance(weight, PackedLinear):
-            return weight.kernel_bytes
-        if isinstance(weight, HybridLinear):  # a decode batch runs its quantized half
-            return weight.quantized.kernel_bytes
-        return 0
-
-    total = model.lm_head.decode_bytes + read_bytes(model.final_norm)
+    total = model.lm_head.decode_bytes + tensor_bytes(model.final_norm)
     for layer in model.layers:
-        total += sum(read_bytes(weight) for weight in vars(layer).values())
+        total += tensor_bytes(layer.input_norm) + tensor_bytes(layer.post_norm)
+        total += sum(projection.kernel_bytes for projection in (layer.qkv, layer.o, layer.gate_up, layer.down))
     return total
 
 

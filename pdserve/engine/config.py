@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pdserve.engine.layers.formats import WEIGHT_FORMATS
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-WEIGHT_FORMATS = ("dense", "int8", "int4", "w8a8", "w8a16", "int4+w8a16")
-"""ModelConfig.weight_format's choices (ModelConfig's docstring says what each is)."""
 
 
 @dataclass(frozen=True)
@@ -28,14 +28,13 @@ class ModelConfig:
     device: str = "cpu"
     """torch device string, e.g. "cpu" or "cuda:0"."""
     weight_format: str = "dense"
-    """Projection weights: "dense" (the compute dtype); weight-only "int8" / "int4" for CPU
-    decoding, which reads every weight each step (prefill batches run dense); "w8a8", int8
-    weights times activations quantized to int8 per token on every call (w8a8_linear.py), for
-    CPUs whose int8 dot products outrun their float ones; "w8a16", the same with each
-    activation carried as two int8 digits, slower than w8a8 and far more accurate; or
-    "int4+w8a16", int4 for decode batches of up to 12 rows (24 with the native int4
-    kernel) and w8a16 above, on bf16 CPUs
-    (docs/engine.md)."""
+    """Projection weights, one of ``layers.formats.WEIGHT_FORMATS``: "dense" (the compute dtype);
+    weight-only "int8" / "int4" for decode batches, which read every weight each step (larger
+    batches run dense); "w8a8", int8 weights times activations quantized to int8 per token on
+    every call, for CPUs whose int8 dot products outrun their float ones; "w8a16", the same with
+    each activation carried as two int8 digits, slower than w8a8 and far more accurate; or
+    "int4+w8a16", int4 for decode batches and w8a16 above, on bf16 CPUs. Which rows run which
+    kernel is the crossover table's (layers/formats.py; docs/engine.md)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None means the model's trained context length."""
     num_threads: int | None = None
@@ -48,8 +47,8 @@ class ModelConfig:
 
     large_batch_float32: bool = True
     """On CPUs where bf16 projections are packed for oneDNN, also keep float32 copies and multiply
-    batches above 48 rows (prefill chunks) in float32: prefill ran 1.3x faster on the 2-core
-    Xeon, at 4 more bytes per weight (docs/engine.md). No effect elsewhere."""
+    batches above the crossover table's rows (prefill chunks) in float32: prefill ran 1.3x faster
+    on the 2-core Xeon, at 4 more bytes per weight (docs/engine.md). No effect elsewhere."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -10,6 +10,7 @@ import torch
 from pdserve import envs
 from pdserve.engine.cpu_features import CpuFeatures, cpu_features
 from pdserve.engine.device import cpu_has_fast_bf16
+from pdserve.engine.layers.formats import crossover_table
 from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
 
 
@@ -28,6 +29,18 @@ def kernels_line(kernels: NativeKernels | None) -> str:
     return "; ".join(f"{source} {kernels.path(source)}" for source in kernels.builds) or "none"
 
 
+def crossover_lines(level: str) -> list[str]:
+    """The crossover table's section for this level: which kernel takes a batch of how many rows."""
+    section = crossover_table().get(level)
+    if section is None:
+        return [f"crossover rows: none measured for {level}; the nearest level's are used "
+                "(python benchmarks/crossover_rows.py measures them)"]
+    lines = [f"crossover rows ({level}, measured on {section['cpu']}):"]
+    lines.extend(f"  {small} up to {rows} rows, then {large}"
+                 for small, larges in sorted(section["rows"].items()) for large, rows in sorted(larges.items()))
+    return lines
+
+
 def environment_report(build: bool = True) -> list[str]:
     """The lines ``pdserve env`` prints. ``build`` builds the kernels if they are not yet (else
     only what the CPU could run is shown)."""
@@ -43,6 +56,8 @@ def environment_report(build: bool = True) -> list[str]:
         "native kernels with --attention auto: " + ("no (only the portable level here; --attention native "
                                                     "takes it)" if levels[0] == "portable" else f"yes, {levels[0]}"),
     ]
+    # The CPU's own level, not the kernel cap: torch's kernels in the table run at the CPU's.
+    lines.extend(crossover_lines(cpu.isa_levels()[0]))
     if not build:
         return lines
     kernels = load_native_kernels()

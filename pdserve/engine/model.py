@@ -21,20 +21,12 @@ from pdserve.engine.attention import AttentionMetadata, paged_attention, write_k
 from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.device import cpu_has_fast_bf16
 from pdserve.engine.environment import kernels_line
-from pdserve.engine.hybrid_linear import HybridLinear
-from pdserve.engine.int4_linear import int4_linear_available
-from pdserve.engine.lm_head import LmHead
+from pdserve.engine.layers.build import LayerTarget, build_linear
+from pdserve.engine.layers.linear import Linear
+from pdserve.engine.layers.lm_head import build_lm_head
 from pdserve.engine.native_kernels import NativeKernels, load_native_kernels
-from pdserve.engine.onednn_linear import OneDnnLinear, onednn_bf16_available
-from pdserve.engine.quantization import DEFAULT_DENSE_ABOVE, PackedLinear
-from pdserve.engine.w8a8_linear import ACTIVATION_DIGITS, INT4_DECODE_W8A16, W8A8Linear
 
 log = logging.getLogger(__name__)
-
-Projection = torch.Tensor | PackedLinear | OneDnnLinear | HybridLinear | W8A8Linear
-"""A projection weight: a dense ``[out, in]`` tensor, one packed for a quantized kernel, a dense
-bf16 one pre-packed for oneDNN (CPU), a quantized one beside such a bf16 copy (CPU), or an int8
-one multiplied by int8 activations."""
 
 LayerCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called after each layer wrote its K/V: (layer index, k [T, kv_heads, D], v [T, kv_heads, D])."""
@@ -96,11 +88,11 @@ class DecoderLayer:
     """One decoder layer's weights; Q/K/V and gate/up are fused along the output dim."""
 
     input_norm: torch.Tensor
-    qkv: Projection
-    o: Projection
+    qkv: Linear
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: Projection
-    down: Projection
+    gate_up: Linear
+    down: Linear
 
 
 class LlamaModel:
@@ -138,45 +130,17 @@ class LlamaModel:
         def take(name: str) -> torch.Tensor:
             return stored(name).to(dtype=dtype).contiguous()
 
-        prepack = onednn_bf16_available(device, dtype)
+        target = LayerTarget(dtype, device, self.native, large_batch_float32)
 
-        def packed_bf16(weight: torch.Tensor) -> OneDnnLinear:
-            # Large batches multiply a float32 copy where asked (onednn_linear.py: faster here).
-            return OneDnnLinear(weight.to(dtype=dtype), weight.float() if large_batch_float32 else None)
-
-        def project(*names: str) -> Projection:
+        def project(*names: str) -> Linear:
             """The named weights fused along the output dim ([out, in] each), ready to multiply."""
-            weight = torch.cat([stored(name) for name in names])
-            if weight_format in ACTIVATION_DIGITS:
-                int8 = W8A8Linear(weight, self.native, ACTIVATION_DIGITS[weight_format])
-                # int4+w8a16: int4 where a decode batch reads weights, w8a16 where a prefill chunk
-                # multiplies; without bf16 kernels for the int4 half, w8a16 throughout.
-                if weight_format == INT4_DECODE_W8A16 and prepack:
-                    return HybridLinear(weight, "int4", dense=int8, native=self.native)
-                return int8
-            if weight_format == "dense":
-                if prepack:
-                    return packed_bf16(weight)
-                return weight.to(dtype=dtype).contiguous()
-            # Quantized kernels win where decoding is bound by reading weights; batches above
-            # dense_above rows (prefill) run dense: on a packed bf16 copy where oneDNN has bf16
-            # kernels, else on weights dequantized to float32 for that call. Quantizing from
-            # the checkpoint's own precision, not the model dtype's rounding of it, gives a
-            # Q4_1 matrix back exactly (quantization.py).
-            if prepack:
-                return HybridLinear(weight, weight_format, dense=packed_bf16(weight), native=self.native)
-            if weight_format == "int4" and int4_linear_available(self.native):
-                try:  # the native int4 kernel, a float32 GEMM on dequantized weights above
-                    return HybridLinear(weight, weight_format, dense=None, native=self.native)
-                except ValueError:  # group constants beyond fp16: torch's kernel (bf16 constants)
-                    pass
-            return PackedLinear(weight, weight_format, dense_above=DEFAULT_DENSE_ABOVE[weight_format])
+            return build_linear(torch.cat([stored(name) for name in names]), weight_format, target)
 
         self.weight_format = weight_format
         self.embed_tokens = take("model.embed_tokens.weight")
         # With tied embeddings the head is the embedding matrix itself, shared.
         lm_head = self.embed_tokens if arch.tie_word_embeddings else take("lm_head.weight")
-        self.lm_head = LmHead(lm_head, weight_format, native=self.native, onednn=prepack)
+        self.lm_head = build_lm_head(lm_head, weight_format, target)
         self.final_norm = take("model.norm.weight")
         self.layers: list[DecoderLayer] = []
         for index in range(arch.num_layers):
@@ -200,9 +164,9 @@ class LlamaModel:
         # What runs and why, once at start: a slow machine should say why it is slow.
         kernels = kernels_line(self.native) if self.native is not None else (
             f"torch path (attention={attention}" + (": no vectorized kernel level here)" if attention == "auto" else ")"))
-        log.info("model on %s: dtype %s, weight format %s; native kernels: %s",
+        log.info("model on %s: dtype %s, weight format %s; native kernels: %s; projections like %r",
                  cpu_features().describe() if device.type == "cpu" else device, str(dtype).removeprefix("torch."),
-                 weight_format, kernels)
+                 weight_format, kernels, self.layers[0].gate_up if self.layers else None)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.native is not None and self.native.rms_norm is not None:
@@ -216,19 +180,6 @@ class LlamaModel:
             return self.native.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-    @staticmethod
-    def _linear(x: torch.Tensor, weight: Projection, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ weight.T (+ residual). x: [T, in]."""
-        if isinstance(weight, OneDnnLinear | HybridLinear | W8A8Linear):
-            return weight(x, residual)
-        if isinstance(weight, PackedLinear):
-            y = weight.matmul(x).to(x.dtype)
-            return y if residual is None else residual + y
-        if residual is None:
-            return F.linear(x, weight)
-        # addmm fuses the residual add into the GEMM's output write.
-        return torch.addmm(residual, x, weight.t())
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, D]; cos/sin: [T, 1, D]."""
@@ -266,7 +217,7 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = self._rms_norm(hidden, layer.input_norm)
-            qkv = self._linear(x, layer.qkv)
+            qkv = layer.qkv(x)
             k_cache, v_cache = kv_layers[index]
             v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
             if fused_rope:
@@ -284,12 +235,12 @@ class LlamaModel:
                 layer_callback(index, k, v)
             attended = paged_attention(q, k_cache, v_cache, meta, self.attention_dtype, self.decode_attention_dtype,
                                        native)
-            hidden = self._linear(attended.reshape(-1, q_size), layer.o, residual)
+            hidden = layer.o(attended.reshape(-1, q_size), residual)
 
             residual = hidden
             x = self._rms_norm(hidden, layer.post_norm)
-            activated = self._silu_and_mul(self._linear(x, layer.gate_up))
-            hidden = self._linear(activated, layer.down, residual)
+            activated = self._silu_and_mul(layer.gate_up(x))
+            hidden = layer.down(activated, residual)
 
         last = self._rms_norm(hidden[logits_indices], self.final_norm)
         return self.lm_head(last)

@@ -8,12 +8,12 @@ registered as ``torch.ops.pdserve_<isa>.*``:
 - ``rms_norm`` and ``silu_and_mul``: a layer's two norms and its SwiGLU activation, each one
   call where eager torch dispatches several ops;
 - ``int8_linear``: x @ W.T for up to 4 rows against int8 weights, at memory speed (the LM head of
-  quantized models, lm_head.py);
+  quantized models, layers/lm_head.py);
 - ``quantize_rows_int8`` and ``dequantize_int32``: the two ends of an int8 x int8 layer
-  (w8a8_linear.py), activations to int8 by row before ``torch._int_mm``, its sums scaled back
+  (layers/w8a8.py), activations to int8 by row before ``torch._int_mm``, its sums scaled back
   after it.
 - ``int4_linear``: x @ W.T for a few rows against 4-bit weights, the activations as two int8
-  digits multiplied in integer arithmetic (int4_linear.py); ``int4_dequantize``, the same
+  digits multiplied in integer arithmetic (layers/int4.py); ``int4_dequantize``, the same
   weights as float32, for batches where a float GEMM is faster.
 
 Why kernels of our own: decode attention in plain torch first gathers every sequence's context
@@ -132,7 +132,7 @@ class NativeKernels:
     or None, dtype, digits) -> the rescaled sums (+ residual) [T, out] in dtype."""
     int4_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None
     """(x [T, in] contiguous float32/bf16, packed [out / 16, in / 32, 320] uint8, residual [T, out]
-    or None) -> [T, out] in x's dtype (int4_linear.py packs)."""
+    or None) -> [T, out] in x's dtype (layers/int4.py packs)."""
     int4_dequantize: Callable[[torch.Tensor], torch.Tensor] | None
     """(packed) -> the float32 weights [out, in] it holds."""
     builds: dict[str, SourceBuild] = field(default_factory=dict)

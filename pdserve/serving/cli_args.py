@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING, Any
 
-from pdserve.engine.config import WEIGHT_FORMATS
+from pdserve.engine.layers.formats import WEIGHT_FORMATS
 
 if TYPE_CHECKING:
     from pdserve.serving.router import RouterConfig

@@ -1,4 +1,4 @@
-// x @ W.T for a few rows of x against 4-bit weights, in integer arithmetic, for int4_linear.py. A decode step of a small model is bound by reading its weights. torch's int4
+// x @ W.T for a few rows of x against 4-bit weights, in integer arithmetic, for layers/int4.py. A decode step of a small model is bound by reading its weights. torch's int4
 // kernel unpacks every nibble to bf16 and multiplies in floating point: on the 2-core Xeon it read
 // weights at about 9 GB/s, half of what memory gives. Here the nibbles stay integers: the
 // activations are quantized per row to two int8 digits (int8_digits.h, about 15 bits) and the
@@ -13,7 +13,7 @@
 // i.e. the weights exactly times the two-digit activations, sums in float32, rounded once to the
 // output dtype.
 //
-// Packed layout (int4_linear.py packs it): [out / 16 row blocks][in / 32 groups][320 bytes]. A
+// Packed layout (layers/int4.py packs it): [out / 16 row blocks][in / 32 groups][320 bytes]. A
 // (row block, group) is 256 bytes of nibbles then 16 fp16 d and 16 fp16 m. Byte 64 c + 4 r + b
 // holds q[r, 8 c + b] in its low nibble and q[r, 8 c + 4 + b] in its high one (r the row within
 // the block): unpacked, each 64-byte vector holds 4 consecutive inputs of each of the 16 rows, so

@@ -1,8 +1,8 @@
-// The two ends of an int8 x int8 linear layer (w8a8_linear.py), for native_kernels.py: rows of
+// The two ends of an int8 x int8 linear layer (layers/w8a8.py), for native_kernels.py: rows of
 // activations quantized to int8 before torch._int_mm, and its int32 sums scaled back after it.
 // In torch each end is five or six ops over the whole batch; a decode step runs 121 such layers.
 //
-// Arithmetic (w8a8_linear.py's torch functions compute the same):
+// Arithmetic (layers/w8a8.py's torch functions compute the same):
 //   quantize:   one or two int8 digits a value (int8_digits.h, shared with int4_linear.cpp).
 //   dequantize: out = (sum1 [+ sum2 / 254]) * row_scale * column_scale (+ residual), float32,
 //               rounded once.

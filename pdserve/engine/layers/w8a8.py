@@ -11,17 +11,9 @@ x ~ scale * (q1 + q2 / 254), about 15 bits, and the two digits' rows are multipl
 ``_int_mm`` call. It costs about 1.4x the matmul time at 32 rows and 2x at 512, and buys back
 most of the accuracy one digit loses (docs/engine.md).
 
-Why: on the 2-core Xeon (a VM, AVX512-VNNI and -BF16, no AMX) the int8 dot-product instruction
-runs at 268 GOP/s a thread where bf16's runs at 79 GFLOP/s (a register-only loop of each), and
-oneDNN's bf16 GEMM tops out at 70-86 GFLOP/s a thread. One thread, hot weights, G(FL)OP/s::
-
-    rows                                   1      8     32     64    512
-    gate_up 3072x576  _int_mm (int8)      56    149    327    391    562
-                      F.linear (bf16)     12     43     71     73     76
-    down 576x1536     _int_mm (int8)     143    170    363    449    564
-
-(2 threads: 720 GOP/s for gate_up at 32 rows, 1,049 at 512). Whole-engine figures are in
-docs/engine.md.
+Why: on the 2-core Xeon with AVX512-VNNI (a VM, no AMX) the int8 dot-product instruction runs
+at about 3.4x the bf16 one, and oneDNN's int8 GEMM at 4-7x its bf16 GEMM from 8 rows up (tables
+in docs/engine.md, *Linear-layer timings by machine*).
 
 Activation quantization changes the arithmetic beyond weight-only formats: with one digit each
 row keeps 8 bits relative to its largest entry, and SmolLM2's activations have channels 10-150x
@@ -34,20 +26,12 @@ from __future__ import annotations
 
 import torch
 
+from pdserve.engine.layers.quantize import quantize_int8
 from pdserve.engine.native_kernels import NativeKernels
-from pdserve.engine.quantization import quantize_int8
 
 INT8_MAX = 127.0
 SECOND_DIGIT = 254.0
 """A first digit's rounding error (at most 1/2) times this spans the int8 range."""
-
-INT4_DECODE_W8A16 = "int4+w8a16"
-"""The format whose decode batches run int4 and whose larger batches run this layer."""
-
-ACTIVATION_DIGITS = {"w8a8": 1, "w8a16": 2, INT4_DECODE_W8A16: 2}
-"""The weight formats that multiply in int8 (int4+w8a16: above its int4 decode batches), and the
-int8 digits each carries an activation in."""
-
 
 def format_name(activation_digits: int) -> str:
     """w8a8 or w8a16: what a layer with this many activation digits computes."""
@@ -98,14 +82,17 @@ class W8A8Linear:
     weight: [out, in] in any float precision (quantized from as given). ``activation_digits``:
     1 (w8a8) or 2 (w8a16, see the module docstring). ``native`` (CPU) fuses the row
     quantization and the rescaling into one call each; without it they are torch ops.
+    ``out_dtype``: the result's dtype if not x's (the LM head's float32 logits, rounded once).
     """
 
-    def __init__(self, weight: torch.Tensor, native: NativeKernels | None = None, activation_digits: int = 1) -> None:
+    def __init__(self, weight: torch.Tensor, native: NativeKernels | None = None, activation_digits: int = 1,
+                 out_dtype: torch.dtype | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError(f"W8A8Linear takes a 2-D [out, in] weight, got {tuple(weight.shape)}")
         if activation_digits not in (1, 2):
             raise ValueError(f"activation_digits must be 1 or 2, got {activation_digits}")
         self.activation_digits = activation_digits
+        self.out_dtype = out_dtype
         self.out_features, self.in_features = weight.shape
         q, scales = quantize_int8(weight)
         # _int_mm takes [in, out]; the transposed view of the [out, in] rows ran as fast or faster
@@ -117,24 +104,27 @@ class W8A8Linear:
                         and native.quantize_rows_int8 is not None and native.dequantize_int32 is not None else None)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of weights (and scales) one call reads."""
+    def kernel_bytes(self) -> int:
         return self._weight_t.numel() + self._scales.numel() * 4
+
+    def kernel(self, rows: int) -> str:
+        return format_name(self.activation_digits)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         digits = self.activation_digits
+        out_dtype = self.out_dtype or x.dtype
         native = self._native
         if native is not None:
             assert native.quantize_rows_int8 is not None and native.dequantize_int32 is not None
             q, row_scales = native.quantize_rows_int8(x, digits)
             return native.dequantize_int32(torch._int_mm(q, self._weight_t), row_scales, self._scales, residual,
-                                           x.dtype, digits)
+                                           out_dtype, digits)
         q, row_scales = quantize_rows(x, digits)
         rows = q.shape[0]
         if x.device.type == "cuda" and rows < CUDA_MIN_ROWS:
             q = torch.cat([q, q.new_zeros(CUDA_MIN_ROWS - rows, q.shape[1])])
         sums = torch._int_mm(q, self._weight_t)[:rows]
-        return dequantize(sums, row_scales, self._scales, residual, x.dtype, digits)
+        return dequantize(sums, row_scales, self._scales, residual, out_dtype, digits)
 
     def __repr__(self) -> str:
         return f"W8A8Linear(out={self.out_features}, in={self.in_features}, activation_digits={self.activation_digits})"

@@ -1,4 +1,5 @@
-"""PackedLinear: quantized kernels against dense fp32, Q4_1 -> int4 exactness, shape checks, hybrid.
+"""torch's int8/int4 kernels (TorchQuantizedLinear) against dense fp32, Q4_1 -> int4 exactness,
+shape checks, and a routed layer running a GEMM on the dequantized weights above its rows.
 
 Error bounds used below:
   * bf16 keeps 8 significant bits, so rounding to it moves a value by at most 2^-8 relative.
@@ -15,7 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.quantization import WEIGHT_FORMATS, PackedLinear, quantize_int4
+from pdserve.engine.layers.linear import DenseLinear, DequantizedLinear
+from pdserve.engine.layers.quantize import quantize_int4
+from pdserve.engine.layers.routing import RowRouted
+from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
 OUT_FEATURES, IN_FEATURES = 96, 128
@@ -33,9 +37,11 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_quantized_output_is_close_to_dense(weight_format: str, max_relative_error: float) -> None:
     weight = _random(OUT_FEATURES, IN_FEATURES) * 0.05
     x = _random(5, IN_FEATURES, seed=1)
-    layer = PackedLinear(weight, weight_format)
+    layer = TorchQuantizedLinear(weight, weight_format)
     y = layer(x)
     assert y.dtype == torch.float32 and y.shape == (5, OUT_FEATURES)
+    residual = _random(5, OUT_FEATURES, seed=4)
+    assert torch.equal(layer(x, residual), residual + y)
     # Quantization error: the estimate in the module docstring (0.6% / 8%) with margin.
     assert _relative_error(y, F.linear(x, weight)) < max_relative_error
     # The kernel itself: only bf16 rounding of x and of y away from fp32 on its own weights.
@@ -46,7 +52,7 @@ def test_quantized_output_is_close_to_dense(weight_format: str, max_relative_err
 
 def test_int8_weights_are_within_half_a_step() -> None:
     weight = _random(OUT_FEATURES, IN_FEATURES)
-    dequantized = PackedLinear(weight, "int8").dequantize()
+    dequantized = TorchQuantizedLinear(weight, "int8").dequantize()
     # Each row's step is its bf16 scale, itself at most 2^-8 above max|w| / 127.
     step = weight.abs().amax(dim=1, keepdim=True) / 127 * (1 + BF16_UNIT_ROUNDOFF)
     assert ((dequantized - weight).abs() <= step / 2 * (1 + 1e-5)).all()
@@ -81,36 +87,41 @@ def test_q4_1_weights_round_trip_through_int4() -> None:
     # The kernel stores scale s' = bf16(d) and zero z' = bf16(m + 8 d) and computes
     # (q - 8) s' + z', so w' - w = (q - 8)(s' - d) + (z' - (m + 8 d)):
     # |w' - w| <= 2^-8 (|q - 8| d + |m + 8 d|).
-    error = (PackedLinear(w, "int4").dequantize() - w).reshape(q.shape).abs()
+    error = (TorchQuantizedLinear(w, "int4").dequantize() - w).reshape(q.shape).abs()
     bound = BF16_UNIT_ROUNDOFF * ((q - 8).abs() * d[..., None] + (m + 8 * d).abs()[..., None])
     assert (error <= bound * (1 + 1e-4) + 1e-8).all()
 
 
 def test_int4_dequantize_paths_agree() -> None:
-    # With dense_above the layer unpacks its own nibble copy; without, it reads the kernel's
+    # With keep_nibbles the layer unpacks its own nibble copy; without, it reads the kernel's
     # packed weight back through the kernel: both must give the same integers.
     weight = _random(OUT_FEATURES, IN_FEATURES, seed=3)
-    plain = PackedLinear(weight, "int4", group_size=64)
-    hybrid = PackedLinear(weight, "int4", group_size=64, dense_above=8)
-    assert torch.equal(plain.dequantize(), hybrid.dequantize())
+    plain = TorchQuantizedLinear(weight, "int4", group_size=64)
+    with_nibbles = TorchQuantizedLinear(weight, "int4", group_size=64, keep_nibbles=True)
+    assert torch.equal(plain.dequantize(), with_nibbles.dequantize())
 
 
-def test_nbytes_counts_packed_weight_scales_and_copies() -> None:
+def test_bytes_count_packed_weight_scales_and_copies() -> None:
     weight = _random(OUT_FEATURES, IN_FEATURES)
     num_weights, num_groups = OUT_FEATURES * IN_FEATURES, OUT_FEATURES * IN_FEATURES // 32
-    assert PackedLinear(weight, "dense").nbytes == 4 * num_weights
-    assert PackedLinear(weight.bfloat16(), "dense").nbytes == 2 * num_weights
-    assert PackedLinear(weight, "int8").nbytes == num_weights + 2 * OUT_FEATURES
-    assert PackedLinear(weight, "int4").nbytes == num_weights // 2 + 4 * num_groups
-    hybrid = PackedLinear(weight, "int4", dense_above=8)
-    assert hybrid.nbytes == num_weights + 4 * num_groups
+    assert DenseLinear(weight).kernel_bytes == 4 * num_weights
+    assert DenseLinear(weight.bfloat16()).kernel_bytes == 2 * num_weights
+    int8 = TorchQuantizedLinear(weight, "int8")
+    assert int8.kernel_bytes == int8.nbytes == num_weights + 2 * OUT_FEATURES
+    int4 = TorchQuantizedLinear(weight, "int4")
+    assert int4.kernel_bytes == int4.nbytes == num_weights // 2 + 4 * num_groups
+    # The nibble copy is held (nbytes) but not read by the kernel (kernel_bytes).
+    with_nibbles = TorchQuantizedLinear(weight, "int4", keep_nibbles=True)
+    assert with_nibbles.nbytes == num_weights + 4 * num_groups
+    assert with_nibbles.kernel_bytes == int4.kernel_bytes == DequantizedLinear(with_nibbles).kernel_bytes
 
 
 @pytest.mark.parametrize(
     ("weight_shape", "weight_format", "group_size"),
     [
         ((OUT_FEATURES, IN_FEATURES), "int3", 32),  # unknown format
-        ((OUT_FEATURES * IN_FEATURES,), "dense", 32),  # not 2-D
+        ((OUT_FEATURES, IN_FEATURES), "dense", 32),  # not a torch-quantized format
+        ((OUT_FEATURES * IN_FEATURES,), "int8", 32),  # not 2-D
         ((OUT_FEATURES, 60), "int8", 32),  # the int8 kernel misreads rows not a multiple of 8
         ((OUT_FEATURES, 100), "int4", 32),  # in_features not a multiple of the group
         ((24, IN_FEATURES), "int4", 32),  # out_features not a multiple of 16
@@ -121,37 +132,37 @@ def test_bad_format_or_shape_raises(
     weight_shape: tuple[int, ...], weight_format: str, group_size: int
 ) -> None:
     with pytest.raises(ValueError):
-        PackedLinear(torch.zeros(weight_shape), weight_format, group_size=group_size)
+        TorchQuantizedLinear(torch.zeros(weight_shape), weight_format, group_size=group_size)
 
 
-@pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
-def test_bad_input_shape_raises(weight_format: str) -> None:
-    layer = PackedLinear(_random(OUT_FEATURES, IN_FEATURES), weight_format)
-    for x in (torch.zeros(IN_FEATURES), torch.zeros(2, IN_FEATURES + 1)):
-        with pytest.raises(ValueError):
-            layer(x)
-    with pytest.raises(ValueError):
-        PackedLinear(_random(OUT_FEATURES, IN_FEATURES), weight_format, dense_above=-1)
-
-
-def test_dense_format_is_f_linear() -> None:
+def test_dense_linear_is_f_linear_in_its_weights_dtype() -> None:
     weight = _random(OUT_FEATURES, IN_FEATURES)
-    x = _random(7, IN_FEATURES, seed=1)
-    assert torch.equal(PackedLinear(weight, "dense")(x), F.linear(x, weight))
+    x, residual = _random(7, IN_FEATURES, seed=1), _random(7, OUT_FEATURES, seed=2)
+    assert torch.equal(DenseLinear(weight)(x), F.linear(x, weight))
+    assert torch.equal(DenseLinear(weight)(x, residual), torch.addmm(residual, x, weight.t()))
+    # A float32 weight serves bf16 activations with one rounding of the float32 result.
+    assert torch.equal(DenseLinear(weight)(x.bfloat16()), F.linear(x.bfloat16().float(), weight).bfloat16())
+    with pytest.raises(ValueError, match="2-D float"):
+        DenseLinear(torch.zeros(4, 4, dtype=torch.int8))
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
-def test_hybrid_runs_dense_above_threshold(weight_format: str) -> None:
+def test_a_routed_layer_runs_a_dequantized_gemm_above_its_rows(weight_format: str) -> None:
     weight = _random(OUT_FEATURES, IN_FEATURES)
-    hybrid = PackedLinear(weight, weight_format, dense_above=4)
-    quantized_only = PackedLinear(weight, weight_format)
+    quantized = TorchQuantizedLinear(weight, weight_format, keep_nibbles=True)
+    routed = RowRouted(quantized, DequantizedLinear(quantized), small_rows=4)
     small, large = _random(4, IN_FEATURES, seed=1), _random(5, IN_FEATURES, seed=2)
     # At the threshold: the quantized kernel, bit for bit.
-    assert torch.equal(hybrid(small), quantized_only(small))
+    assert torch.equal(routed(small), quantized(small))
+    assert routed.kernel(4) == f"torch-{weight_format}" and routed.kernel(5) == "dequantized"
     # Above it: fp32 F.linear on the dequantized weight, bit for bit; unlike the kernel's
     # result, which went through bf16.
-    dense_result = F.linear(large, hybrid.dequantize())
-    assert torch.equal(hybrid(large), dense_result)
-    assert not torch.equal(quantized_only(large), dense_result)
+    dense_result = F.linear(large, quantized.dequantize())
+    assert torch.equal(routed(large), dense_result)
+    assert not torch.equal(quantized(large), dense_result)
     # An empty batch is fine either way.
-    assert hybrid(torch.zeros(0, IN_FEATURES)).shape == (0, OUT_FEATURES)
+    assert routed(torch.zeros(0, IN_FEATURES)).shape == (0, OUT_FEATURES)
+    with pytest.raises(ValueError, match="small_rows"):
+        RowRouted(quantized, DequantizedLinear(quantized), small_rows=-1)
+    with pytest.raises(ValueError, match="differ in shape"):
+        RowRouted(quantized, DenseLinear(weight[:32]), small_rows=4)

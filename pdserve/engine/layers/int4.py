@@ -2,7 +2,7 @@
 
 ``Int4Linear(weight [out, in], native)`` quantizes a weight to groupwise asymmetric 4-bit (groups
 of 32 inputs, ``w = d * q + m``, fp16 d and m: a llama.cpp Q4_1 matrix comes back exactly,
-quantization.py) and packs it for native/int4_linear.cpp, whose header comment has the layout
+quantize.py) and packs it for native/int4_linear.cpp, whose header comment has the layout
 and the arithmetic. Calling it maps x [T, in] (bf16 or float32) to [T, out] in x's dtype, with an
 optional residual added before the one rounding.
 
@@ -10,17 +10,16 @@ Why: torch's int4 kernel unpacks every nibble to bf16 and multiplies in floating
 the 2-core Xeon read weights at about 9 GB/s. The native kernel quantizes each activation row
 to two int8 digits (about 15 bits, int8_digits.h) and multiplies nibbles by digits in integer
 arithmetic: by VNNI on AVX-512 CPUs that have it, by vpmaddubsw on AVX2 ones. It is the
-small-batch half of the int4 formats (hybrid_linear.py) where one of those paths is built; the
+small-batch half of the int4 formats (build.py) where one of those paths is built; the
 portable build computes the same in scalar code, correct but slower than torch's kernel.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from pdserve.engine.layers.quantize import quantize_int4
 from pdserve.engine.native_kernels import NativeKernels
-from pdserve.engine.quantization import quantize_int4
 
 GROUP_SIZE = 32
 ROWS_PER_BLOCK = 16
@@ -92,29 +91,22 @@ class Int4Linear:
         self._dequantize = native.int4_dequantize
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._kernel(x, self.packed, residual)
+        return self._kernel(x.contiguous(), self.packed, residual)
+
+    def kernel(self, rows: int) -> str:
+        return "native-int4"
 
     @property
     def kernel_bytes(self) -> int:
         """Bytes one call reads: half a byte a weight and fp16 d and m a group of 32 (as Q4_1)."""
         return self.packed.numel()
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T in x's dtype (PackedLinear's interface)."""
-        return self._kernel(x, self.packed, None)
-
-    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T (+ residual) by a float GEMM on the weights dequantized for this call: for
-        batches bound by arithmetic, where the GEMM beats the int4 kernel (hybrid_linear.py).
-        Dequantizing costs about a millisecond for SmolLM2's gate_up; keeping a float copy
-        instead would cost 4 bytes a weight."""
-        assert self._dequantize is not None  # built with int4_linear, from the same source
-        weight = self._dequantize(self.packed).to(x.dtype)
-        return F.linear(x, weight) if residual is None else torch.addmm(residual, x, weight.t())
-
-    def dequantized(self) -> torch.Tensor:
-        """The weights the kernel multiplies, float32 [out, in] (for tests and checks)."""
-        return unpack_int4(self.packed)
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weights [out, in] the kernel multiplies, by the native kernel (about a
+        millisecond for SmolLM2's gate_up, against 17 by torch ops)."""
+        if self._dequantize is None:
+            return unpack_int4(self.packed)
+        return self._dequantize(self.packed)
 
     def __repr__(self) -> str:
         return f"Int4Linear({self.out_features}x{self.in_features}, groups of {GROUP_SIZE})"
