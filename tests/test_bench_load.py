@@ -181,6 +181,7 @@ def test_targets_run_on_their_cores_and_a_missing_peer_says_why(tmp_path: Path, 
     assert TARGETS["colocated"].command(9000)[1:] == ["-m", "pdserve.cli", "serve", "--port", "9000",
                                                       "--colocated", "--workers", "1"]
     assert TARGETS["vllm-cpu"].command(9000) == ["bash", str(PEER_SCRIPTS / "serve_vllm_cpu.sh"), "9000", "0"]
+    assert TARGETS["vllm-cpu-2core"].command(9000)[2:] == ["9000", "0,1"]
     # Peers are never installed in CI; an empty cache stands for that here.
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
     for name in ("vllm-cpu", "llama-cpp"):

@@ -6,6 +6,7 @@ import os
 from dataclasses import replace
 
 import pytest
+import torch
 from fixtures_model import make_float32_llm
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from pdserve.engine.layers.routing import RowRouted
 from pdserve.engine.layers.torch_quantized import TorchQuantizedLinear
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import Checkpoint, ModelNotFoundError
+from pdserve.engine.outputs import RequestError
 from pdserve.engine.sampling_params import SamplingParams
 
 PROMPT = "The three most important inventions in history are"
@@ -176,6 +178,41 @@ def test_abort_frees_blocks_at_once(llm: LLM) -> None:
     assert {c.finish_reason for c in finals[drop].outputs} == {"abort"}
     assert finals[keep].outputs[0].finish_reason in ("stop", "length")
     assert engine.stats().num_free_blocks == free_before
+
+
+def test_a_request_whose_kv_is_poisoned_fails_alone(llm: LLM) -> None:
+    """NaN in one request's imported KV makes its logits NaN: that request ends with an error
+    (a 5xx, never a normal finish), and the request decoding beside it gets its solo tokens."""
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    (solo,) = llm.generate(PROMPT, params)
+    handoff = llm.prefill_only("Once upon a time, in a land far away,", params)
+    poisoned = replace(handoff, kv=torch.full_like(handoff.kv, float("nan")))
+    engine = llm.engine
+    victim = engine.add_request(PROMPT, params)
+    engine.step()  # the victim's prefill
+    bad = engine.import_kv(poisoned, params)
+    outputs = {}
+    for _ in range(60):
+        outputs.update((output.request_id, output) for output in engine.step())
+        if not engine.has_unfinished_requests():
+            break
+    assert outputs[victim].outputs[0].token_ids == solo.outputs[0].token_ids
+    assert outputs[victim].outputs[0].finish_reason == "length" and outputs[victim].error is None
+    error = outputs[bad].error
+    assert error is not None and error.status == 500 and "not finite" in error.message
+    assert outputs[bad].finished and outputs[bad].outputs[0].finish_reason == "abort"
+    assert engine.request_ids() == [] and engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_an_engine_that_fails_a_request_reports_it_once(llm: LLM) -> None:
+    engine = llm.engine
+    request_id = engine.add_request(PROMPT, SamplingParams(max_tokens=8))
+    assert engine.fail(request_id, RequestError("its detokenizer broke", 500))
+    assert not engine.fail(request_id, RequestError("again", 500)) and not engine.abort(request_id)
+    (output,) = engine.take_pending_outputs()
+    assert output.error == RequestError("its detokenizer broke", 500) and output.finished
+    assert [choice.finish_reason for choice in output.outputs] == ["abort"]
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
 def test_bad_input_raises_and_the_engine_keeps_serving(checkpoint: Checkpoint) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 
 import pytest
 from fixtures_model import make_float32_llm
@@ -102,3 +103,35 @@ def test_a_service_whose_engine_cannot_be_built_raises_and_leaves_no_pipe() -> N
     with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
         EngineService(build, TransferConfig())
     assert _open_pipes() == before
+
+
+def test_a_stuck_engine_loop_turns_the_worker_unhealthy(checkpoint: Checkpoint) -> None:
+    """A loop held inside one round of work past ``wedged_after`` makes /health a 503 (the router
+    then stops routing there); once it moves again, /health is 200 again."""
+    from fastapi.testclient import TestClient
+
+    from pdserve.serving.worker_app import create_worker_app
+
+    recorder = _Recorder(checkpoint)
+    service = EngineService(recorder.build, TransferConfig())
+    release = threading.Event()
+    try:
+        app = create_worker_app(service, "both", wedged_after=0.3)
+        with TestClient(app) as client:
+            assert client.get("/health").status_code == 200
+            stuck = service.loop.call(lambda _: release.wait(30))
+            deadline = time.monotonic() + 10
+            while service.loop.busy_seconds() <= 0.3:
+                assert time.monotonic() < deadline and not stuck.done()
+                time.sleep(0.05)
+            response = client.get("/health")
+            assert response.status_code == 503 and "stuck" in response.json()["error"]["message"]
+            release.set()
+            assert stuck.result(30) is True
+            while service.loop.busy_seconds() > 0:  # the round ends just after the call returns
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert client.get("/health").status_code == 200
+    finally:
+        release.set()
+        service.close()

@@ -130,9 +130,65 @@ def test_out_of_range_blocked_ids_are_ignored() -> None:
     assert tokens[0].token_id == 0
 
 
-def test_all_tokens_blocked_is_an_error() -> None:
-    with pytest.raises(ValueError, match="no finite logit"):
-        sample(torch.tensor([[0.0, 1.0]]), [make_row(blocked=(0, 1))])
+def test_a_row_with_every_token_blocked_fails_alone() -> None:
+    logits = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    sampled = sample(logits, [make_row(blocked=(0, 1)), make_row(blocked=(0,), position=1)])
+    assert sampled[0].token_id == -1 and sampled[0].error is not None and "blocked" in sampled[0].error
+    assert sampled[0].error_is_clients  # its own blocked ids and penalties did it: a 4xx
+    assert sampled[1] == SampledToken(1, None, None)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=0.8, top_p=0.9, logprobs=2, seed=3)],
+                         ids=["greedy-fast-path", "full-path"])
+def test_a_row_of_non_finite_logits_fails_alone_and_the_others_are_untouched(
+    poison: float, params: SamplingParams
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=generator)
+    rows = [make_row(params, seed=row, position=row) for row in range(4)]
+    alone = sample(logits[[0, 2, 3]], [rows[0], rows[2], rows[3]])
+    poisoned = logits.clone()
+    # NaN or +inf in one entry, or a row that is all -inf: the model gave nothing usable.
+    if poison == float("-inf"):
+        poisoned[1] = poison
+    else:
+        poisoned[1, 17] = poison
+    sampled = sample(poisoned, rows)
+    assert sampled[1].token_id == -1 and sampled[1].error is not None and not sampled[1].error_is_clients
+    assert [sampled[0], sampled[2], sampled[3]] == alone
+
+
+def test_a_vanishing_temperature_is_greedy() -> None:
+    # 1e-300 is 0 in float32: dividing logits by it gave NaN weights and gibberish.
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    rows = [make_row(SamplingParams(temperature=t, seed=5)) for t in (1e-300, 1e-6, 0.0)]
+    greedy = logits.argmax(dim=-1).tolist()
+    assert [token.token_id for token in sample(logits, rows)] == greedy
+    assert SamplingParams(temperature=1e-300).is_greedy and not SamplingParams(temperature=1e-4).is_greedy
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                                   "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_sampling_numbers_are_refused(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("penalty", [1e-50, 0.0099, 100.5, 1e30])
+def test_repetition_penalties_that_overflow_the_logits_are_refused(penalty: float) -> None:
+    with pytest.raises(ValueError, match=r"repetition_penalty must be in \[0.01, 100.0\]"):
+        SamplingParams(repetition_penalty=penalty)
+
+
+def test_the_extreme_accepted_penalties_keep_every_logit_finite() -> None:
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(2)) * 30
+    for penalty in (0.01, 100.0):
+        params = SamplingParams(repetition_penalty=penalty, frequency_penalty=2.0, presence_penalty=-2.0,
+                                temperature=2.0, seed=1)
+        rows = [make_row(params, prompt=range(64), output=range(0, 64, 3), position=i) for i in range(2)]
+        assert all(token.error is None and 0 <= token.token_id < 64 for token in sample(logits, rows))
 
 
 # --- penalties ----------------------------------------------------------------------------

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import hypothesis
@@ -34,6 +36,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def post_json(url: str, body: dict) -> httpx.Response:
+    """POST ``body`` as ASCII JSON: a lone surrogate goes out as the escape ``\\ud800``, as any
+    client may send it (httpx's own encoder would refuse to encode it)."""
+    return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                      timeout=60)
 
 
 class Server:
@@ -198,16 +207,88 @@ def test_colocated_mode_gives_the_same_tokens(server: Server, colocated: Server)
         ({"model": "MODEL", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias is not supported"),
         ({"model": "MODEL", "prompt": "hi", "echo": True}, 400, "echo"),
         ({"model": "MODEL", "prompt": "hi", "max_tokens": 2, "X": 1}, 400, "X is not supported"),
+        ({"model": "MODEL", "prompt": "hi", "repetition_penalty": 1e-50}, 400, "repetition_penalty"),
+        ({"model": "MODEL", "prompt": "\ud800"}, 400, "lone surrogate"),
+        ({"model": "MODEL", "prompt": ["ok", "\udfff"]}, 400, "lone surrogate"),
+        ({"model": "MODEL", "prompt": "hi", "stop": ["\ud800"]}, 400, "lone surrogate"),
+        ({"model": "MODEL", "prompt": "hi", "stop": ["x" * 1001]}, 400, "stop"),
     ],
     ids=["negative-max-tokens", "huge-max-tokens", "negative-temperature", "wrong-type", "empty-prompt",
-         "over-context", "unknown-model", "no-model", "bad-token-id", "unsupported-field", "echo", "unknown-field"],
+         "over-context", "unknown-model", "no-model", "bad-token-id", "unsupported-field", "echo", "unknown-field",
+         "vanishing-repetition-penalty", "lone-surrogate", "surrogate-in-batch",
+         "surrogate-stop", "long-stop"],
 )
 def test_bad_input_is_a_4xx_with_an_openai_error(server: Server, body: dict, status: int, needle: str) -> None:
     body = {k: (server.model if v == "MODEL" else v) for k, v in body.items()}
-    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    response = post_json(f"{server.url}/v1/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert needle in error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty", "presence_penalty"])
+def test_non_finite_numbers_are_a_400(server: Server, literal: str, field: str) -> None:
+    # Python's JSON parser reads these literals; no sampling number may be NaN or infinite.
+    body = f'{{"model": "{server.model}", "prompt": "hi", "{field}": {literal}}}'.encode()
+    response = httpx.post(f"{server.url}/v1/completions", content=body,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 400 and field in response.json()["error"]["message"], response.text
+
+
+def test_a_lone_surrogate_in_a_chat_message_is_a_400(server: Server) -> None:
+    body = {"model": server.model, "messages": [{"role": "user", "content": "a \ud800 b"}]}
+    response = post_json(f"{server.url}/v1/chat/completions", body)
+    assert response.status_code == 400 and "lone surrogate" in response.json()["error"]["message"]
+
+
+POISONS = [
+    # Each valid JSON a client may send, with extreme numbers: a 4xx, or a sane 200.
+    {"prompt": "hi", "repetition_penalty": 1e-50},
+    {"prompt": "hi", "temperature": 1e-300, "max_tokens": 8},
+    {"prompt": "\ud800"},
+    {"prompt": "hi", "temperature": 2, "top_k": 10**9, "top_p": 1e-9, "min_p": 1.0, "seed": 2**63 - 1, "n": 4,
+     "max_tokens": 16, "logprobs": 5, "presence_penalty": -2, "frequency_penalty": 2, "repetition_penalty": 100},
+    {"prompt": "hi", "repetition_penalty": 0.01, "max_tokens": 8, "min_tokens": 8, "stop": ["x" * 1000]},
+    {"prompt": [0, 1, 2], "max_tokens": 1, "temperature": 1e-6, "top_p": 1e-30},
+]
+
+
+def test_poison_requests_beside_a_victim_stream_never_touch_it(server: Server) -> None:
+    """The victim's stream equals its solo run token for token and ends with "length", while
+    extreme requests run beside it; each of those gets a 4xx or a 200 with a normal finish."""
+
+    def victim() -> tuple[str, str | None]:
+        stream = server.client.completions.create(
+            model=server.model, prompt=CAPITAL_PROMPT, max_tokens=120, temperature=0, stream=True,
+            extra_body={"ignore_eos": True})
+        text, finish = "", None
+        for chunk in stream:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    solo = victim()
+    statuses = []
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(victim)
+        for index in range(24):  # bounded: the victim takes a few seconds
+            if running.done() and index >= len(POISONS):
+                break
+            body = {"model": server.model, **POISONS[index % len(POISONS)]}
+            response = post_json(f"{server.url}/v1/completions", body)
+            statuses.append(response.status_code)
+            assert response.status_code == 200 or 400 <= response.status_code < 500, response.text
+            if response.status_code == 200:
+                assert all(c["finish_reason"] in ("stop", "length") for c in response.json()["choices"])
+            else:
+                assert response.json()["error"]["message"]
+        assert running.result(timeout=120) == solo
+    assert solo[1] == "length" and 200 in statuses and 400 in statuses
+    # The vanishing temperature is greedy, not gibberish.
+    greedy = server.client.completions.create(model=server.model, prompt="hi", max_tokens=8, temperature=0)
+    tiny = server.client.completions.create(model=server.model, prompt="hi", max_tokens=8, temperature=1e-300)
+    assert tiny.choices[0].text == greedy.choices[0].text
 
 
 def test_malformed_json_is_a_400(server: Server) -> None:

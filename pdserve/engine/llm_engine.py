@@ -7,6 +7,7 @@ on another engine adopts such a handoff and decodes on as if the prefill had run
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 import uuid
@@ -29,13 +30,15 @@ from pdserve.engine.kv_cache import allocate_pool, plan_layout
 from pdserve.engine.loader import Checkpoint, load_checkpoint
 from pdserve.engine.model import LlamaModel
 from pdserve.engine.model_runner import KVHook, ModelRunner
-from pdserve.engine.outputs import RequestMetrics, RequestOutput
+from pdserve.engine.outputs import RequestError, RequestMetrics, RequestOutput
 from pdserve.engine.request import Choice, Request
 from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler
 from pdserve.engine.sequence import Sequence, SequenceStatus
 from pdserve.engine.step_counters import ChunkWork, StepCounters
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -261,15 +264,29 @@ class LLMEngine:
         request = self._requests.get(request_id)
         if request is None:
             return False
-        self._reserved.pop(request_id, None)
+        self._end_aborted(request)
+        if report:
+            self._pending_outputs.append(request.output())
+        return True
+
+    def fail(self, request_id: str, error: RequestError) -> bool:
+        """End a request now with ``error`` for its client (its output carries it), freeing its
+        blocks; False if unknown or done. The other requests are not touched."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return False
+        request.error = error
+        self._end_aborted(request)
+        self._pending_outputs.append(request.output())
+        return True
+
+    def _end_aborted(self, request: Request) -> None:
+        self._reserved.pop(request.request_id, None)
         for choice in request.choices:
             if not choice.sequence.is_finished:
                 self.scheduler.finish(choice.sequence, SequenceStatus.FINISHED_ABORTED)
         request.aborted = True
-        if report:
-            self._pending_outputs.append(request.output())
         self._forget(request)
-        return True
 
     def request_ids(self) -> list[str]:
         """Requests still in flight (queued, running or with reserved KV)."""
@@ -321,18 +338,37 @@ class LLMEngine:
         sampled = self.sampler(step_logits.logits[row_logits], rows) if rows else []
 
         touched: dict[str, Request] = {}
+        failed: dict[str, RequestError] = {}
         cursor = 0
         for seq_id in step_logits.seq_ids:
             request, choice = self._sequences[seq_id]
             touched[request.request_id] = request
-            if self._is_first_sample(request, choice):
-                tokens = sampled[cursor : cursor + request.params.n]
-                cursor += request.params.n
-                self._accept_first_tokens(request, tokens)
-            else:
-                self._accept_token(request, choice, sampled[cursor])
-                cursor += 1
+            first = self._is_first_sample(request, choice)
+            count = request.params.n if first else 1
+            tokens = sampled[cursor : cursor + count]
+            cursor += count
+            if request.request_id in failed:
+                continue
+            # A failure of one request (its sampling, its detokenization, its stop strings)
+            # ends that request alone; the rest of the batch goes on.
+            error = next((token for token in tokens if token.error is not None), None)
+            if error is not None:
+                failed[request.request_id] = RequestError(str(error.error), 400 if error.error_is_clients else 500)
+                continue
+            try:
+                if first:
+                    self._accept_first_tokens(request, tokens)
+                else:
+                    self._accept_token(request, choice, tokens[0])
+            except Exception as exception:
+                log.exception("request %s failed after sampling", request.request_id)
+                failed[request.request_id] = RequestError(f"{type(exception).__name__}: {exception}", 500)
         for request in touched.values():
+            if request.request_id in failed:
+                request.error = failed[request.request_id]
+                self._end_aborted(request)
+                outputs.append(request.output())
+                continue
             outputs.append(request.output())
             if request.finished:
                 request.metrics.finished_time = time.monotonic()

@@ -26,6 +26,15 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine ended a request early, for its client alone."""
+
+    message: str
+    status: int = 500
+    """The HTTP status its client gets: 4xx when the request's own parameters caused it."""
+
+
 @dataclass
 class RequestMetrics:
     arrival_time: float
@@ -49,4 +58,5 @@ class RequestOutput:
     """For prefill-only requests, the exported KV once the prefill finished."""
     held_kv: HeldKV | None = None
     """For prefill-only requests with ``hold_kv``: the blocks holding the KV until released."""
-    error: str | None = field(default=None)
+    error: RequestError | None = field(default=None)
+    """Set when the engine ended this request alone (its choices then finish "abort")."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from pdserve.engine.handoff import HeldKV, KVHandoff
 from pdserve.engine.model_runner import KVHook
-from pdserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pdserve.engine.outputs import CompletionOutput, RequestError, RequestMetrics, RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.sequence import Sequence, SequenceStatus
@@ -41,6 +41,8 @@ class Request:
     held_kv: HeldKV | None = None
     first_tokens: list[SampledToken] = field(default_factory=list)
     aborted: bool = False
+    error: RequestError | None = None
+    """Why the engine failed this request, if it did (it is then aborted too)."""
 
     def add_choice(self, sequence: Sequence, tokenizer: Tokenizer) -> Choice:
         choice = Choice(
@@ -117,6 +119,7 @@ class Request:
             metrics=self.metrics,
             handoff=self.handoff,
             held_kv=self.held_kv,
+            error=self.error,
         )
 
 

@@ -61,6 +61,15 @@ class SampledToken:
     """Set when params.logprobs is not None."""
     top_logprobs: tuple[tuple[int, float], ...] | None
     """The top params.logprobs alternatives as (id, logprob), best first; () for logprobs=0."""
+    error: str | None = None
+    """Why this row could not be sampled (token_id is then -1): the engine fails its request
+    alone, and the rest of the batch goes on."""
+    error_is_clients: bool = False
+    """Whether the request's own parameters caused the error (a 4xx), not the model (a 5xx)."""
+
+
+NO_FINITE_LOGIT = "the model's logits for this request are not finite (NaN or inf)"
+ALL_BLOCKED = "no token can be sampled: every token is blocked, or penalized to -inf or NaN"
 
 
 class Sampler:
@@ -72,14 +81,19 @@ class Sampler:
          penalty if positive, multiplied by it otherwise;
       3. frequency/presence penalties (OpenAI): logit -= frequency * count + presence * (count > 0),
          counting output tokens only;
-      4. temperature == 0: argmax (ties go to the lowest id). Otherwise the distribution
-         softmax(logits / temperature) is filtered by top_k, then top_p on what top_k kept
-         (renormalized), then min_p relative to the most likely token, and one token is drawn.
+      4. temperature below GREEDY_BELOW (1e-5): argmax (ties go to the lowest id). Otherwise the
+         distribution softmax(logits / temperature) is filtered by top_k, then top_p on what
+         top_k kept (renormalized), then min_p relative to the most likely token, and one token
+         is drawn.
 
     Ties at a filter's boundary are kept together: top_k keeps every token at least as likely as
     the k-th, top_p keeps every token at least as likely as the one where the sorted mass first
     reaches top_p. That makes each kept set a function of the values alone (no tie-breaking order),
     and the most likely token always survives. So top_k=1 equals greedy unless the max is tied.
+
+    A row that cannot be sampled (NaN or inf among its logits, or none left finite by its blocked
+    ids and penalties) gets a token with ``error`` set; the other rows are sampled as if it were
+    not there.
 
     Logprobs are log_softmax of the logits after steps 1-3 but before temperature and the filters:
     the model's distribution as the request's penalties and blocked ids shape it, independent of
@@ -107,19 +121,25 @@ class Sampler:
         if not rows:
             return []
         if not any(_needs_full_path(row) for row in rows):
-            # The every-decode-step case: one batched argmax, no copy for float32 input.
-            argmax: list[int] = logits.float().argmax(dim=-1).tolist()
-            return [SampledToken(t, None, None) for t in argmax]
+            # The every-decode-step case: one batched max, no copy for float32 input. A NaN
+            # anywhere in a row makes its max NaN, so a bad row costs nothing to find.
+            best, argmax = logits.float().max(dim=-1)
+            bad = (~torch.isfinite(best)).nonzero().flatten().tolist()
+            tokens = [SampledToken(t, None, None) for t in argmax.tolist()]
+            for i in bad:
+                tokens[i] = SampledToken(-1, None, None, error=NO_FINITE_LOGIT)
+            return tokens
 
         # x: [num_rows, vocab], a private contiguous float32 copy, modified in place below
         x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        raw_finite = torch.isfinite(x.amax(dim=-1))  # a NaN anywhere makes the max NaN
         _apply_blocked(x, rows)
         _apply_repetition_penalty(x, rows)
         _apply_frequency_presence(x, rows)
-        row_max = x.amax(dim=-1)  # [num_rows]
-        bad = (~torch.isfinite(row_max)).nonzero().flatten().tolist()
+        row_max = x.amax(dim=-1)  # [num_rows]; NaN anywhere in a row makes it NaN
+        bad = (~torch.isfinite(row_max) | ~raw_finite).nonzero().flatten().tolist()
         if bad:
-            raise ValueError(f"rows {bad} have no finite logit (all tokens blocked, or inf/NaN)")
+            return self._without_bad_rows(logits, rows, bad, raw_finite.tolist())
 
         logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         logprobs = torch.log_softmax(_select(x, logprob_rows), dim=-1) if logprob_rows else None
@@ -135,12 +155,25 @@ class Sampler:
             token_ids[sampled_rows] = _sample(sub, [rows[i] for i in sampled_rows])
         return _assemble(token_ids, rows, logprob_rows, logprobs)
 
+    def _without_bad_rows(self, logits: torch.Tensor, rows: Sequence[SamplingRow], bad: list[int],
+                          raw_finite: list[bool]) -> list[SampledToken]:
+        """An error token for each bad row, the others sampled alone (as they would have been)."""
+        bad_set = set(bad)
+        good = [i for i in range(len(rows)) if i not in bad_set]
+        sampled = iter(self(logits[good], [rows[i] for i in good]) if good else [])
+        return [
+            (SampledToken(-1, None, None, error=ALL_BLOCKED, error_is_clients=True) if raw_finite[i]
+             else SampledToken(-1, None, None, error=NO_FINITE_LOGIT))
+            if i in bad_set else next(sampled)
+            for i in range(len(rows))
+        ]
+
 
 def _needs_full_path(row: SamplingRow) -> bool:
     """False when a plain argmax of the raw logits is the whole answer."""
     p = row.params
     return bool(
-        p.temperature != 0.0
+        not p.is_greedy
         or p.logprobs is not None
         or row.blocked_token_ids
         or p.repetition_penalty != 1.0

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily (as vLLM does): dividing logits by them overflows."""
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""Penalties outside it only overflow or flatten the logits; within it every logit stays finite."""
 
 
 @dataclass(frozen=True)
@@ -14,7 +20,7 @@ class SamplingParams:
     min_tokens: int = 0
     """Stop tokens and stop strings are ignored until this many tokens were generated."""
     temperature: float = 0.0
-    """0 means greedy (argmax)."""
+    """0 (or anything below ``GREEDY_BELOW``) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = 0
@@ -50,6 +56,11 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+        for name in floats:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        low, high = REPETITION_PENALTY_RANGE
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
@@ -63,7 +74,8 @@ class SamplingParams:
             (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
+            (low <= self.repetition_penalty <= high,
+             f"repetition_penalty must be in [{low}, {high}], got {self.repetition_penalty}"),
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (
                 self.logprobs is None or 0 <= self.logprobs <= 20,
@@ -77,4 +89,4 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW

@@ -131,7 +131,13 @@ class Tokenizer:
     # ---- encode / decode ----------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``; with special tokens, BOS/EOS only where the model asks for them."""
+        """Token ids of ``text``; with special tokens, BOS/EOS only where the model asks for them.
+        ValueError for text that is not valid Unicode (a lone surrogate, which the backend would
+        refuse with a TypeError)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = True) -> str:

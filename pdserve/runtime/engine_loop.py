@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
 from pdserve.engine.llm_engine import LLMEngine
-from pdserve.engine.outputs import RequestOutput
+from pdserve.engine.outputs import RequestError, RequestOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +41,8 @@ class EngineLoop:
         self._calls: deque[tuple[Callable[[LLMEngine], object], Future[object]]] = deque()
         self._wake = threading.Condition()
         self._stopping = False
+        self._busy_since: float | None = None
+        """When the loop began its current work (calls and a step), None while it waits."""
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> LLMEngine:
@@ -70,6 +73,16 @@ class EngineLoop:
             self._wake.notify()
         return future
 
+    def busy_seconds(self) -> float:
+        """How long the loop has been inside its current round of calls and step (0 while it
+        waits for work): a loop stuck far longer than any step takes is wedged."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         with self._wake:
             self._stopping = True
@@ -95,6 +108,7 @@ class EngineLoop:
                     break
                 calls = list(self._calls)
                 self._calls.clear()
+                self._busy_since = time.monotonic()
             for fn, future in calls:
                 if future.set_running_or_notify_cancel():
                     try:
@@ -109,11 +123,14 @@ class EngineLoop:
             if engine.has_work():
                 try:
                     outputs = engine.step()
-                except Exception:
-                    log.exception("engine step failed; aborting every request in flight")
-                    outputs = self._abort_all()
+                except Exception as error:
+                    # Nothing pins it on one request: every request in flight ends, each with
+                    # an explicit error to its client (never a normal finish).
+                    log.exception("engine step failed; failing every request in flight")
+                    outputs = self._fail_all(RequestError(f"engine step failed: {type(error).__name__}: {error}"))
                 for output in outputs:
                     self._deliver(output)
+            self._busy_since = None
         self._fail_pending_calls()
 
     def _deliver(self, output: RequestOutput) -> None:
@@ -122,11 +139,11 @@ class EngineLoop:
         except Exception:
             log.exception("output callback failed for %s", output.request_id)
 
-    def _abort_all(self) -> list[RequestOutput]:
+    def _fail_all(self, error: RequestError) -> list[RequestOutput]:
         engine = self.engine
         for request_id in list(engine.request_ids()):
-            engine.abort(request_id)
-        return engine.step()
+            engine.fail(request_id, error)
+        return engine.take_pending_outputs()
 
     def _fail_pending_calls(self) -> None:
         with self._wake:

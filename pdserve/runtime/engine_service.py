@@ -341,7 +341,7 @@ class EngineService:
             if output.finished:
                 self._offered.discard(request_id)
         if offered and output.finished:
-            if output.held_kv is not None:
+            if output.held_kv is not None and output.error is None:
                 self.connector.ready(request_id, output.held_kv)
                 self._emit(request_id, {
                     "event": "prefilled", "request_id": request_id, "kv_cache_id": request_id,
@@ -354,6 +354,10 @@ class EngineService:
                 }, finished=True)
                 return
             self.connector.withdraw(request_id)  # aborted before its KV was held
+        if output.error is not None:  # the engine ended this request alone: its client learns why
+            self._emit(request_id, {"event": "error", "request_id": request_id, "status": output.error.status,
+                                    "message": output.error.message}, finished=True)
+            return
         self._emit(request_id, output_to_json(output, self.engine.tokenizer), finished=output.finished)
 
     def _release(self, kv_cache_id: str) -> None:

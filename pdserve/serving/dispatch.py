@@ -103,6 +103,9 @@ class Dispatcher:
                             observe(event)
                             kind = event.get("event")
                             if kind == "output":
+                                if any(choice.get("finish_reason") == "abort" for choice in event["outputs"]):
+                                    # Never passed on as a normal finish: a cut answer must not look whole.
+                                    raise APIError("the worker aborted the request", 503, retry_after=1)
                                 streamed = True
                                 yield event
                             elif kind == "kv_received" and prefill is not None:

@@ -161,9 +161,11 @@ class StreamState:
 
 
 def _finish_reason(reason: str | None) -> str | None:
-    if reason is None:
-        return None
-    return "length" if reason == "length" else "stop"
+    """The OpenAI finish_reason of an engine one. "abort" never gets here (dispatch.py turns it
+    into an error), and must never become "stop": a cut answer would look whole."""
+    if reason is None or reason in ("stop", "length"):
+        return reason
+    raise ValueError(f"finish_reason {reason!r} has no OpenAI equivalent")
 
 
 def _logprob(value: float | None) -> float:

@@ -11,9 +11,29 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from pdserve.engine.sampling_params import REPETITION_PENALTY_RANGE
 from pdserve.serving.errors import APIError
 
 MAX_N = 16
+MAX_STOP_CHARS = 1000
+"""Longest stop string: each is searched for in the tail of the text after every token."""
+
+
+def _valid_text(value: Any) -> Any:
+    """``value`` if every string in it is valid Unicode text; JSON's ``\ud800`` escapes decode
+    to lone surrogates, which no tokenizer can encode (a 400 here, never a 500 later)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (it holds a lone surrogate, e.g. \\ud800)") from None
+    elif isinstance(value, list):
+        for item in value:
+            _valid_text(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _valid_text(item)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -50,7 +70,7 @@ class SamplingFields(BaseModel):
     # vLLM-style extensions
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     # pdserve extension, the two-phase form: redeem a prefill made by POST /v1/prefill
@@ -60,9 +80,14 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return value
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
+        return _valid_text(value)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        return _valid_text(value)
 
     def redeem_params(self) -> dict[str, Any] | None:
         return None if self.kv_transfer_params is None else self.kv_transfer_params.model_dump()
@@ -93,6 +118,11 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        return _valid_text(value)
+
     def single_prompt(self) -> str | list[int]:
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -114,6 +144,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        return _valid_text(value)
 
     def text(self) -> str:
         if self.content is None:

@@ -4,7 +4,8 @@
                              -> application/x-ndjson: the request's events (runtime/protocol.py)
     POST /internal/abort     {"request_id"}
     GET  /internal/tokenizer the model's tokenizer (tokenizer.json + config), for the router
-    GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up
+    GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up;
+                             503 once the engine loop is stuck in one round of work (WEDGED_AFTER)
     GET  /load               waiting/running requests, free KV blocks (for routing)
     GET  /debug              leak-check state (free/held/reserved blocks, fds, threads, children)
     GET  /metrics            Prometheus text: request latencies, engine gauges, KV transfers (docs/metrics.md)
@@ -36,7 +37,13 @@ from pdserve.serving.worker_metrics import WorkerMetrics, WorkerRequestTimer
 _CLIENT = b"http"
 
 
-def create_worker_app(service: EngineService, role: str, internal_secret: str | None = None) -> FastAPI:
+WEDGED_AFTER = 120.0
+"""Seconds an engine loop may stay in one round of work before /health calls it wedged: far
+beyond a step's time (a 2,048-token prefill chunk takes seconds on one CPU core)."""
+
+
+def create_worker_app(service: EngineService, role: str, internal_secret: str | None = None,
+                      wedged_after: float = WEDGED_AFTER) -> FastAPI:
     hub = EventHub(service)
 
     @asynccontextmanager
@@ -83,6 +90,11 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
 
     @app.get("/health")
     async def health() -> Any:
+        busy = service.loop.busy_seconds()
+        if not service.loop.alive or busy > wedged_after:
+            # The router stops sending here; the requests in flight time out at their clients.
+            why = "its engine loop has stopped" if not service.loop.alive else f"its engine loop is stuck ({busy:.0f} s)"
+            return error_response(f"worker unhealthy: {why}", 503)
         return {
             "status": "ok", "role": role, "model": service.engine.model_name,
             "kv_address": service.connector.address, "max_model_len": service.engine.max_model_len,

