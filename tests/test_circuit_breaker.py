@@ -52,3 +52,23 @@ def test_a_success_resets_the_count_of_failures() -> None:
     breaker.record_success()
     breaker.record_failure()
     assert breaker.state == "closed"
+
+
+def test_a_probe_that_ends_without_a_verdict_is_released_by_its_owner_only() -> None:
+    """A probe whose client left (or that got a 4xx about itself) reports neither success nor
+    failure: released by its own request, the next request probes; another request's release
+    does not touch it."""
+    clock = Clock()
+    breaker = CircuitBreaker(threshold=1, cooldown=5.0, clock=clock)
+    breaker.record_failure()
+    clock.now += 5.0
+    breaker.claim("probe-a")
+    assert breaker.state == "half_open" and not breaker.allows()
+    breaker.release("someone-else")
+    assert not breaker.allows(), "only the probe's own request releases it"
+    breaker.release("probe-a")
+    assert breaker.allows() and breaker.state == "half_open"
+    breaker.claim("probe-b")
+    breaker.record_success()
+    breaker.release("probe-b")  # after a verdict: nothing to release
+    assert breaker.state == "closed" and breaker.allows()

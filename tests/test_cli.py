@@ -54,3 +54,13 @@ def test_export_writes_a_hugging_face_directory(tmp_path: Path) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (out / "model.safetensors").stat().st_size > 100_000_000
     assert (out / "tokenizer.json").exists()
+
+
+def test_an_open_api_off_loopback_is_refused_unless_insecure() -> None:
+    """`--host` off loopback without `--api-key` exits before binding anything (or starting
+    workers); the message says what to do. Nothing here listens off loopback."""
+    for command in (("router", "--decode", "http://127.0.0.1:9"), ("serve",)):
+        result = run_cli(*command, "--host", "0.0.0.0", timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "off loopback" in result.stderr and "--api-key" in result.stderr and "--insecure" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -200,6 +203,39 @@ def test_one_request_id_runs_through_every_log_line_and_the_response(workers: Wo
         assert {"time", "level", "component", "logger", "message"} <= set(line)
 
 
+def test_chats_without_max_tokens_reserve_likely_kv_and_run_together(workers: Workers) -> None:
+    """Four chats without max_tokens, sent at once: each reserves its prompt and
+    --reserve-output-tokens of decode KV, not the rest of the context (which filled the pool and
+    made the others wait, then 503); all four answer. Their budget is what the pool holds."""
+    router = workers.router("--reserve-output-tokens", "32", "--queue-timeout", "1")
+    # A question SmolLM2 answers in one short sentence, then EOS (its greedy answer to a bare
+    # "Say hello" is an endless row of emoji).
+    body = {"model": model(router), "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0}
+
+    def chat(index: int) -> httpx.Response:
+        return httpx.post(f"{router.url}/v1/chat/completions", json=body,
+                          headers={"X-Request-Id": f"chat-{index}"}, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(chat, range(4)))
+    assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+    load = httpx.get(f"{workers.decode.url}/load", headers={"Authorization": f"Bearer {SECRET}"}, timeout=10).json()
+    block_size = int(load["block_size"])
+    assert wait_for(lambda: sum(line["message"] == "routed" for line in router.log_lines()) >= 4)
+    for line in router.log_lines():
+        if line["message"] == "routed" and str(line.get("request_id", "")).startswith("chat-"):
+            assert line["reserved_blocks"] == math.ceil((line["prompt_tokens"] + 32) / block_size), line
+    # An explicit max_tokens is reserved whole.
+    response = httpx.post(f"{router.url}/v1/chat/completions", json={**body, "max_tokens": 100},
+                          headers={"X-Request-Id": "chat-explicit"}, timeout=120)
+    assert response.status_code == 200
+    assert wait_for(lambda: any(line.get("request_id") == "chat-explicit" for line in router.log_lines()))
+    (routed,) = [line for line in router.log_lines()
+                 if line.get("request_id") == "chat-explicit" and line["message"] == "routed"]
+    assert routed["reserved_blocks"] == math.ceil((routed["prompt_tokens"] + 100) / block_size)
+
+
 def test_prefix_aware_routing_sends_a_shared_prefix_to_the_worker_that_caches_it(workers: Workers) -> None:
     router = workers.router("--routing", "prefix_aware")
     cached = [prefill(router, f"{SYSTEM} Question {i}: where is Lima?")["usage"]["cached_tokens"] for i in range(4)]
@@ -236,6 +272,41 @@ def test_the_two_phase_form_prefill_then_redeem_gives_the_one_shot_answer(worker
     assert wait_for(lambda: all(offers_settled(w.url) for w in workers.prefill), 5), "the offer was not consumed"
     decode_lines = [line for line in workers.decode.log_lines() if line.get("request_id") == redeemed.id[5:]]
     assert any(line["message"] == "KV received" for line in decode_lines), decode_lines
+
+
+def test_a_client_never_makes_a_worker_dial_an_address_of_its_choosing(workers: Workers) -> None:
+    """kv_transfer_params naming a listener of the client's: a made-up offer is recomputed, a
+    real one is pulled from the address the router's own prefill worker gave; the listener is
+    never dialled, and both answers are the one-shot answer."""
+    router = workers.router()
+    prompt = "Count from one to five:"
+    one_shot = client(router).completions.create(model=model(router), prompt=prompt, **GREEDY).choices[0].text
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        trap = f"127.0.0.1:{listener.getsockname()[1]}"
+        real = prefill(router, prompt)["kv_transfer_params"]
+        for params in ({"kv_cache_id": "made-up-offer", "kv_address": trap},
+                       {"kv_cache_id": real["kv_cache_id"], "kv_address": trap}):
+            answer = client(router).completions.create(
+                model=model(router), prompt=prompt, temperature=0, max_tokens=6,
+                extra_body={"ignore_eos": True, "kv_transfer_params": params})
+            assert answer.choices[0].text == one_shot
+            # A made-up offer runs as a new request (prefilled by a prefill worker of the router's
+            # choosing); the real one is redeemed: no prefill worker saw that request.
+            prefilled_anew = any(line.get("request_id") == answer.id[5:] and line["message"] == "admitted"
+                                 for worker in workers.prefill for line in worker.log_lines())
+            assert prefilled_anew == (params["kv_cache_id"] != real["kv_cache_id"])
+        time.sleep(0.5)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody dialled the client's address
+    # An offer is redeemed once: a second redemption is recomputed.
+    again = client(router).completions.create(
+        model=model(router), prompt=prompt, temperature=0, max_tokens=6,
+        extra_body={"ignore_eos": True, "kv_transfer_params": real})
+    assert again.choices[0].text == one_shot
+    assert metric(router, "pdserve_router_degraded_total", 'how="unknown_kv_offer"') >= 2
 
 
 def test_short_uncached_prompts_are_prefilled_on_the_decode_worker(workers: Workers) -> None:
@@ -438,12 +509,13 @@ def test_sigterm_drains_a_worker_then_it_exits(workers: Workers) -> None:
     body = {"request_id": "drained", "prompt": "Count slowly:", "params": {"max_tokens": 40, "ignore_eos": True}}
     with httpx.stream("POST", f"{both.url}/internal/generate", json=body, timeout=60) as stream:
         lines = stream.iter_lines()
-        next(lines)
+        events = [json.loads(next(lines))]
         both.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{both.url}/health", timeout=2)  # no new work while draining
-        events = [json.loads(line) for line in lines if line]
-    assert events[-1]["finished"] and len(events[-1]["outputs"][0]["token_ids"]) == 40
+        events += [json.loads(line) for line in lines if line]
+    assert events[-1]["finished"] and events[-1]["outputs"][0]["num_tokens"] == 40
+    assert sum(len(event["outputs"][0]["token_ids"]) for event in events if event["event"] == "output") == 40
     assert both.process.wait(20) == 0
     assert not Path(f"/dev/shm/{shm_name}").exists(), "the shared-memory KV pool was not unlinked"

@@ -325,8 +325,14 @@ class Router:
 
 
 def test_a_router_with_an_api_key_refuses_other_keys(server: Server) -> None:
-    router = Router(server, "--api-key", "sesame")
+    router = Router(server, "--api-key", "sesame", "--admin-key", "boss")
     try:
+        # /health is open to anyone: a keyed router tells the workers' addresses to its admin only.
+        assert httpx.get(f"{router.url}/health").json() == {"status": "ok"}
+        for key in ("sesame", "guess"):
+            assert "workers" not in httpx.get(f"{router.url}/health", headers={"Authorization": f"Bearer {key}"}).json()
+        admin = httpx.get(f"{router.url}/health", headers={"Authorization": "Bearer boss"}).json()
+        assert [w["url"] for w in admin["workers"]] == server.workers[-1:]
         wrong = openai.OpenAI(base_url=f"{router.url}/v1", api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
@@ -410,13 +416,35 @@ def test_a_client_that_hangs_up_frees_the_request_on_every_worker(server: Server
     for _ in range(3):
         next(chunks)
     stream.close()
-    deadline = time.monotonic() + 10
-    while True:
-        running = sum(httpx.get(f"{url}/load").json()["num_running"] for url in server.workers)
-        if running == 0 or time.monotonic() > deadline:
-            break
+    assert running_after(server, 10) == 0, "the abandoned request kept running"
+
+
+def running_requests(server: Server) -> int:
+    return sum(httpx.get(f"{url}/load").json()["num_running"] for url in server.workers)
+
+
+def running_after(server: Server, seconds: float) -> int:
+    """The requests running on the workers once none are, or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (running := running_requests(server)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert running == 0, "the abandoned request kept running"
+    return running
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_the_request(server: Server) -> None:
+    """Nobody will read a non-streaming answer whose client left: the router notices the
+    disconnect and the workers abort the request, instead of generating 2,000 tokens."""
+    body = json.dumps({"model": server.model, "prompt": "Tell me everything about lighthouses.",
+                       "max_tokens": 2000, "temperature": 0, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+                           + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while running_requests(server) == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.1)
+    assert running_after(server, 10) == 0, "the abandoned non-streaming request kept running"
 
 
 def test_no_kv_blocks_leak_on_any_worker(server: Server) -> None:

@@ -14,7 +14,6 @@ Allocators, chosen by name:
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -23,6 +22,7 @@ import torch
 
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.config import CacheConfig
+from pdserve.engine.shm_segments import segment_name
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def allocate_pool(layout: KVLayout, cache: CacheConfig, device: torch.device) ->
         return KVCachePool(layout, torch.zeros(layout.shape, dtype=layout.dtype, device=device), None)
     if device.type != "cpu":
         raise ValueError("the 'shm' KV allocator maps host memory; use 'heap' on an accelerator")
-    name = cache.shm_name or f"pdserve-kv-{secrets.token_hex(6)}"
+    name = cache.shm_name or segment_name()
     shm = shared_memory.SharedMemory(name=name, create=True, size=layout.num_bytes)
     return KVCachePool(layout, _tensor_over(shm, layout), shm)
 

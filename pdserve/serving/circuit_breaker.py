@@ -2,7 +2,9 @@
 
 Closed (normal) -> ``threshold`` consecutive failures -> open: the worker gets no requests for
 ``cooldown`` seconds -> half-open: one request is let through as a probe; its success closes
-the breaker, its failure opens it again for twice as long (up to ``max_cooldown``).
+the breaker, its failure opens it again for twice as long (up to ``max_cooldown``). A probe
+that ends without a verdict (its client left, a 4xx about the request itself) is released by
+its owner, so the next request probes instead of the breaker staying half-open forever.
 Health checks are a separate, coarser signal: a worker whose ``/health`` fails is ejected
 altogether; the breaker catches a worker that answers health checks but fails the work
 (KV transfers that time out, pulls refused, streams that break).
@@ -24,8 +26,8 @@ class CircuitBreaker:
     failures: int = 0
     opened_at: float | None = None
     current_cooldown: float = field(default=0.0)
-    probing: bool = False
-    """A half-open probe is in flight: no other request passes until it reports."""
+    probe_owner: str | None = None
+    """The request whose half-open probe is in flight: no other request passes until it reports."""
 
     @property
     def state(self) -> str:
@@ -38,18 +40,28 @@ class CircuitBreaker:
     def allows(self) -> bool:
         """May a request go there now? (Does not claim the half-open probe: see :meth:`claim`.)"""
         state = self.state
-        return state == "closed" or (state == "half_open" and not self.probing)
+        return state == "closed" or (state == "half_open" and self.probe_owner is None)
 
-    def claim(self) -> None:
-        """The request :meth:`allows` let through is now sent (in half-open, it is the probe)."""
+    @property
+    def probing(self) -> bool:
+        return self.probe_owner is not None
+
+    def claim(self, owner: str = "") -> None:
+        """The request :meth:`allows` let through is now sent (in half-open, ``owner`` is the probe)."""
         if self.state == "half_open":
-            self.probing = True
+            self.probe_owner = owner
+
+    def release(self, owner: str) -> None:
+        """``owner``'s request ended: if it was the probe and reported no verdict, the next request
+        probes instead (a verdict already cleared it, and another request's probe is not touched)."""
+        if self.probe_owner == owner:
+            self.probe_owner = None
 
     def record_success(self) -> None:
         self.failures = 0
         self.opened_at = None
         self.current_cooldown = 0.0
-        self.probing = False
+        self.probe_owner = None
 
     def record_failure(self) -> None:
         self.failures += 1
@@ -59,4 +71,4 @@ class CircuitBreaker:
         elif self.failures >= self.threshold:
             self.current_cooldown = self.cooldown
             self.opened_at = self.clock()
-        self.probing = False
+        self.probe_owner = None

@@ -87,19 +87,30 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default: 4 MiB)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longest prompt accepted (default: the model's context less one)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve the API off loopback (--host) without --api-key: anyone who reaches it may use it")
+    parser.add_argument("--reserve-output-tokens", type=int, default=1024, metavar="N",
+                        help="decode KV the router reserves for the output of a request that sets no max_tokens; "
+                        "it may grow past N, the engine preempting if the pool runs out (default: 1024)")
 
 
 def router_config_from_args(args: argparse.Namespace, **fixed: Any) -> RouterConfig:
     """The router's configuration from ``add_policy_arguments`` options (and ``fixed`` fields)."""
     from pdserve.serving.api_keys import parse_api_keys
     from pdserve.serving.router import RouterConfig
+    from pdserve.transfer.config import is_loopback
 
     specs = args.api_key if args.api_key is not None else [os.environ.get("PDSERVE_API_KEY") or ""]
+    api_keys = parse_api_keys(specs)
+    host = str(getattr(args, "host", "127.0.0.1"))
+    if not is_loopback(host) and not api_keys and not args.insecure:
+        raise ValueError(f"the API would listen on {host}, off loopback, with no --api-key: anyone who reaches it "
+                         "could use it. Set --api-key (or $PDSERVE_API_KEY), or pass --insecure")
     return RouterConfig(
-        api_keys=parse_api_keys(specs), routing=args.routing, local_prefill_tokens=args.local_prefill_tokens,
+        api_keys=api_keys, routing=args.routing, local_prefill_tokens=args.local_prefill_tokens,
         kv_overcommit=args.kv_overcommit, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
         queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens, **fixed,
+        max_prompt_tokens=args.max_prompt_tokens, reserve_output_tokens=args.reserve_output_tokens, **fixed,
     )
 
 

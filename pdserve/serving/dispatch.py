@@ -24,6 +24,7 @@ import httpx
 from pdserve.engine.block_manager import BlockHash, hash_full_blocks
 from pdserve.serving.errors import APIError
 from pdserve.serving.kv_ledger import KVLedger
+from pdserve.serving.output_deltas import DeltaDecoder
 from pdserve.serving.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,18 @@ class PreparedRequest:
     cache_salt: str | None = None
     redeem: dict[str, Any] | None = None
     """Two-phase form: {"kv_cache_id", "kv_address"} of a prefill done by ``/v1/prefill``."""
+    reserve_output_tokens: int | None = None
+    """Output positions to reserve decode KV for; None: all of max_tokens. A request that set no
+    max_tokens reserves only what is likely (it may grow past it; the engine preempts if the
+    pool runs out), so that it does not hold the whole context's blocks."""
+
+    @property
+    def reserve_tokens(self) -> int:
+        """Positions the router reserves decode KV blocks for: the prompt and the output."""
+        output = int(self.params["max_tokens"])
+        if self.reserve_output_tokens is not None:
+            output = min(output, self.reserve_output_tokens)
+        return len(self.prompt_ids) + output
 
     def worker_body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"request_id": self.request_id, "prompt": self.prompt_ids, "params": self.params}
@@ -75,9 +88,10 @@ class Dispatcher:
         """The request's ``output`` events, from whichever workers serve it."""
         observe = observe or (lambda event: None)
         pool = self.pool
-        num_tokens = len(request.prompt_ids) + int(request.params["max_tokens"])
+        num_tokens = request.reserve_tokens
+        owner = request.request_id
         decode, blocks = await self.ledger.reserve(
-            lambda fits: pool.pick("decode", "both", fits=fits), lambda: pool.available("decode", "both"),
+            lambda fits: pool.pick("decode", "both", fits=fits, owner=owner), lambda: pool.available("decode", "both"),
             num_tokens, self.config.queue_timeout,
         )
         try:
@@ -121,7 +135,7 @@ class Dispatcher:
                 except APIError as error:
                     if error.status >= 500:
                         decode.breaker.record_failure()
-                    replacement = pool.pick_other("decode", "both", exclude=tried)
+                    replacement = pool.pick_other("decode", "both", exclude=tried, owner=owner)
                     if streamed or error.status < 500 or replacement is None:
                         raise
                     log.warning("retrying on %s after: %s", replacement.url, error.message,
@@ -130,6 +144,10 @@ class Dispatcher:
                     await self.ledger.move(decode.url, replacement, blocks)
                     decode, body, prefill = replacement, local, None
         finally:
+            # A breaker probe this request held and never judged (its client left, a 4xx) is
+            # released, else that worker's breaker would stay half-open with no probe forever.
+            for worker in pool.workers:
+                worker.breaker.release(owner)
             await self.ledger.release(decode.url, blocks)
 
     async def prefill_only(
@@ -137,10 +155,13 @@ class Dispatcher:
     ) -> dict[str, Any]:
         """Two-phase form, first phase: the ``prefilled`` event of a prefill whose KV is offered."""
         prefill = self.pool.pick("prefill", "both", prefix=self.prefix_hashes(request),
-                                 num_tokens=len(request.prompt_ids))
+                                 num_tokens=len(request.prompt_ids), owner=request.request_id)
         if prefill is None:
             raise APIError("no prefill worker is available", 503, retry_after=5)
-        prefilled = await self._prefill(client, prefill, {**request.worker_body(), "kv": {"mode": "offer"}})
+        try:
+            prefilled = await self._prefill(client, prefill, {**request.worker_body(), "kv": {"mode": "offer"}})
+        finally:
+            prefill.breaker.release(request.request_id)  # its verdict comes with the pull, later
         if prefilled is None:
             raise APIError(f"the prefill on {prefill.url} failed", 503, retry_after=1)
         (observe or (lambda event: None))(prefilled)
@@ -157,7 +178,7 @@ class Dispatcher:
         if len(request.prompt_ids) - cached <= self.config.local_prefill_tokens:
             self.on_degraded("local_prefill_below_threshold")
             return local, None
-        prefill = self.pool.pick("prefill", prefix=hashes, num_tokens=len(request.prompt_ids))
+        prefill = self.pool.pick("prefill", prefix=hashes, num_tokens=len(request.prompt_ids), owner=request.request_id)
         if prefill is None:
             self.on_degraded("decode_side_prefill")
             return local, None
@@ -202,9 +223,14 @@ async def worker_events(
             if response.status_code != 200:
                 await response.aread()
                 raise _worker_error(response)
+            decoder = DeltaDecoder()  # outputs arrive as deltas (output_deltas.py)
             async for line in response.aiter_lines():
                 if line:
-                    yield json.loads(line)
+                    try:
+                        event = decoder.decode(json.loads(line))
+                    except ValueError as error:
+                        raise APIError(f"worker {worker.url} sent a broken event stream: {error}", 503) from None
+                    yield event
     except httpx.HTTPError as error:
         worker.healthy = False
         raise APIError(f"worker {worker.url} failed: {error}", 503, retry_after=1) from None

@@ -1,7 +1,8 @@
 """Back-pressure down to KV blocks: the decode pool's blocks, reserved per request by the router.
 
 Before any prefill runs, the router reserves on a decode worker the blocks the request can grow
-to (prompt + max_tokens, rounded up to blocks). A request that fits nowhere waits, in the
+to (prompt + max_tokens, rounded up to blocks; a request that set no max_tokens reserves the
+prompt and ``--reserve-output-tokens``, not the whole context). A request that fits nowhere waits, in the
 router's bounded queue, for a reservation to end; so a decode worker is never handed KV it
 has no room for, and no prefill runs for KV nobody can take. Capacity is the worker's own
 ``num_blocks`` (its ``/load``) times ``overcommit``: above 1 trades that guarantee for more

@@ -43,12 +43,14 @@ class StreamOptions(BaseModel):
 
 
 class KVTransferParams(BaseModel):
-    """What ``POST /v1/prefill`` returned: where the prompt's KV waits, and under which id."""
+    """What ``POST /v1/prefill`` returned: the offer's id. ``kv_address`` is accepted (clients
+    send back what they got) and ignored: the router pulls from the address its own prefill
+    worker gave for that id (offer_book.py), never one a client names."""
 
     model_config = ConfigDict(extra="forbid")
 
     kv_cache_id: str = Field(min_length=1, max_length=200)
-    kv_address: str = Field(min_length=1, max_length=300)
+    kv_address: str | None = Field(None, max_length=300)
 
 
 class SamplingFields(BaseModel):
@@ -88,9 +90,6 @@ class SamplingFields(BaseModel):
     @classmethod
     def _user(cls, value: str | None) -> str | None:
         return _valid_text(value)
-
-    def redeem_params(self) -> dict[str, Any] | None:
-        return None if self.kv_transfer_params is None else self.kv_transfer_params.model_dump()
 
     def sampling_params(self, max_tokens: int) -> dict[str, Any]:
         """The engine's SamplingParams fields."""

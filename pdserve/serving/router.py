@@ -19,10 +19,10 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -40,6 +40,7 @@ from pdserve.serving.body_limit import BodySizeLimit
 from pdserve.serving.dispatch import DispatchConfig, Dispatcher, PreparedRequest
 from pdserve.serving.errors import APIError, error_body, error_response
 from pdserve.serving.kv_ledger import KVLedger
+from pdserve.serving.offer_book import OfferBook
 from pdserve.serving.openai_format import StreamState, completion_body
 from pdserve.serving.openai_schema import (
     ChatCompletionRequest,
@@ -53,6 +54,7 @@ from pdserve.serving.worker_pool import ROLES, WorkerPool
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 2.0
 """Seconds between health checks: a failing worker is ejected, a recovered one re-admitted."""
+T = TypeVar("T")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -85,6 +87,9 @@ class RouterConfig:
     max_body_bytes: int = 4 << 20
     max_prompt_tokens: int | None = None
     """Longest prompt accepted (default: the model's context less one token)."""
+    reserve_output_tokens: int = 1024
+    """Decode KV reserved for the output of a request that sets no max_tokens (its budget is the
+    rest of the context, which would hold the whole context's blocks per request)."""
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
@@ -116,6 +121,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     app.state.pool = pool
     app.state.metrics = metrics
     app.state.dispatcher = dispatcher
+    app.state.offers = OfferBook()
     app.state.tokenizer = None
     app.state.admission = Admission(config.max_concurrent, config.max_queued, config.queue_timeout)
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
@@ -159,11 +165,14 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         return error_response(f"internal error: {type(error).__name__}: {error}", 500)
 
     @app.get("/health")
-    async def health() -> Any:
+    async def health(request: Request) -> Any:
         await pool.refresh(app.state.client)
-        workers = [w.summary() for w in pool.workers]
         status = 200 if pool.available("decode", "both") else 503
-        return JSONResponse({"status": "ok" if status == 200 else "unavailable", "workers": workers}, status_code=status)
+        body: dict[str, Any] = {"status": "ok" if status == 200 else "unavailable"}
+        # A keyed router tells the workers' addresses only to its admin: anyone may ask /health.
+        if not config.api_keys or _is_admin(request, config):
+            body["workers"] = [w.summary() for w in pool.workers]
+        return JSONResponse(body, status_code=status)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Any:
@@ -205,6 +214,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         prepared = PreparedRequest(request.state.request_id, ids, body.sampling_params(max_tokens), tenant)
         async with app.state.admission.slot():
             prefilled = await dispatcher.prefill_only(app.state.client, prepared)
+        app.state.offers.record(prefilled["kv_cache_id"], prefilled["kv_address"], tenant)
         return {
             "id": prepared.request_id, "object": "prefill", "model": body.model,
             "kv_transfer_params": {"kv_cache_id": prefilled["kv_cache_id"], "kv_address": prefilled["kv_address"]},
@@ -249,6 +259,17 @@ async def _check_health(pool: WorkerPool, client: httpx.AsyncClient) -> None:
     while True:
         await asyncio.sleep(HEALTH_INTERVAL)
         await pool.refresh(client)
+
+
+def _is_admin(request: Request, config: RouterConfig) -> bool:
+    """Whether the request carries the admin key (never true without one)."""
+    if config.admin_key is None:
+        return False
+    try:
+        tenant_of((ApiKey(config.admin_key, "admin"),), request.headers.get("authorization"))
+    except APIError:
+        return False
+    return True
 
 
 def _authorize_admin(request: Request, config: RouterConfig) -> None:
@@ -311,11 +332,29 @@ def _max_tokens(app: FastAPI, config: RouterConfig, ids: list[int], requested: i
         raise APIError(f"the prompt is {len(ids)} tokens, more than the {limit} this server accepts "
                        f"(the model's context is {context})", param="prompt", code="context_length_exceeded")
     if requested is None:
-        return context - len(ids)
+        # The rest of the context, but never more than a decode worker's whole KV pool holds
+        # (a longer budget could only be refused); the answer ends "length" there.
+        pool_tokens = app.state.pool.max_sequence_tokens()
+        room = context if pool_tokens is None else min(context, pool_tokens)
+        return max(room - len(ids), 1)
     if requested > context:
         raise APIError(f"max_tokens is {requested}, more than the model's context of {context} tokens",
                        param="max_tokens")
     return requested
+
+
+def _redeem(app: FastAPI, body: SamplingFields, tenant: str | None) -> dict[str, Any] | None:
+    """Where to pull a redeemed offer's KV from: this router's own record of the offer, never the
+    address the client sent (offer_book.py). None (recompute) for an offer it cannot vouch for."""
+    if body.kv_transfer_params is None:
+        return None
+    kv_cache_id = body.kv_transfer_params.kv_cache_id
+    address = app.state.offers.redeem(kv_cache_id, tenant)
+    if address is None:
+        app.state.metrics.degraded.labels("unknown_kv_offer").inc()
+        log.info("unknown KV offer %r: recomputing", kv_cache_id)
+        return None
+    return {"kv_cache_id": kv_cache_id, "kv_address": address}
 
 
 async def _serve(
@@ -324,12 +363,13 @@ async def _serve(
 ) -> Any:
     max_tokens = _max_tokens(app, config, ids, requested_max_tokens)
     prepared = PreparedRequest(request.state.request_id, ids, body.sampling_params(max_tokens), tenant,
-                               redeem=body.redeem_params())
+                               redeem=_redeem(app, body, tenant),
+                               reserve_output_tokens=config.reserve_output_tokens if requested_max_tokens is None else None)
     admission: Admission = app.state.admission
     queued = time.monotonic()
     await admission.acquire()  # released when the response is complete (or abandoned)
     try:
-        response = await _respond(app, body, prepared, chat, admission, time.monotonic() - queued)
+        response = await _respond(app, request, body, prepared, chat, admission, time.monotonic() - queued)
     except BaseException:
         admission.release()
         raise
@@ -337,8 +377,8 @@ async def _serve(
 
 
 async def _respond(
-    app: FastAPI, body: SamplingFields, prepared: PreparedRequest, chat: bool, admission: Admission,
-    queue_seconds: float,
+    app: FastAPI, request: Request, body: SamplingFields, prepared: PreparedRequest, chat: bool,
+    admission: Admission, queue_seconds: float,
 ) -> Any:
     metrics: RouterMetrics = app.state.metrics
     dispatcher: Dispatcher = app.state.dispatcher
@@ -349,11 +389,7 @@ async def _respond(
     # Every generator in the chain is closed explicitly (aclosing), so that a client that goes
     # away closes the stream to the worker at once, and the worker aborts the request.
     if not body.stream:
-        last: dict[str, Any] | None = None
-        async with aclosing(events):
-            async for event in events:
-                last = event
-        assert last is not None
+        last = await _unless_disconnected(request, _last_event(events))  # on error, _serve releases
         admission.release()
         return completion_body(response_id, body.model, created, chat, last)
     try:
@@ -400,6 +436,44 @@ async def _timed(
                 yield event
     finally:
         timer.finish()
+
+
+async def _last_event(events: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:
+    last: dict[str, Any] | None = None
+    async with aclosing(events):
+        async for event in events:
+            last = event
+    if last is None:
+        raise APIError("the worker ended the request without output", 503)
+    return last
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result; if the client hangs up first, ``work`` is cancelled, which closes the
+    worker's stream, and the worker aborts the request (a non-streaming answer nobody will read
+    must not keep generating). Raises an APIError (499) then.
+
+    The body was read already, so the next ASGI message is the client's ``http.disconnect``:
+    one waiter on it (``Request.is_disconnected`` polls with a cancelled receive, which never
+    sees the message through the request-id middleware's wrapped receive)."""
+    task = asyncio.ensure_future(work)
+    disconnected = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise APIError("the client closed the connection", 499)
+    finally:
+        for pending in (task, disconnected):
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _first(events: AsyncGenerator[dict[str, Any], None]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import uvicorn
 
 from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.loader import resolve_model_path
+from pdserve.engine.shm_segments import remove_stale_segments
 from pdserve.logs import configure_logging
 from pdserve.serving.cli_args import router_config_from_args
 from pdserve.serving.role_formats import role_format
@@ -41,6 +42,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as error:
         log(f"error: {error}")
         return 2
+    stale = remove_stale_segments()  # KV pools a killed process group left in /dev/shm
+    if stale:
+        log(f"removed {len(stale)} shared-memory KV pool(s) of dead processes: {', '.join(stale)}")
     model = str(resolve_model_path(args.model, show_progress=True))  # fetch once, before any worker
     cores = sorted(os.sched_getaffinity(0))
     roles = ["both"] * args.workers if args.colocated else ["prefill"] * args.prefill + ["decode"] * args.decode

@@ -17,6 +17,7 @@ import torch
 import uvicorn
 
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig
+from pdserve.engine.shm_segments import remove_stale_segments
 from pdserve.logs import configure_logging
 from pdserve.runtime.engine_process import die_with_parent
 from pdserve.runtime.engine_service import EngineService, warmed_up_engine
@@ -62,6 +63,9 @@ def run_worker(args: argparse.Namespace) -> int:
     faulthandler.enable()
     configure_logging(args.role, args.log_level, json_lines=not args.plain_logs)
     check_internal_secret(args.host, args.internal_secret)  # before minutes of model loading
+    stale = remove_stale_segments()  # KV pools a killed process group left in /dev/shm
+    if stale:
+        logging.getLogger(__name__).warning("removed shared-memory KV pools of dead processes: %s", ", ".join(stale))
     num_threads = args.threads
     if args.cpus is not None:
         cpus = parse_cpus(args.cpus)

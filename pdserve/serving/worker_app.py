@@ -1,7 +1,8 @@
 """A worker's internal HTTP API: what the router calls. Not the public OpenAI API.
 
     POST /internal/generate  {"request_id", "prompt" | "messages", "params", "kv"}
-                             -> application/x-ndjson: the request's events (runtime/protocol.py)
+                             -> application/x-ndjson: the request's events (runtime/protocol.py),
+                                outputs as deltas (serving/output_deltas.py)
     POST /internal/abort     {"request_id"}
     GET  /internal/tokenizer the model's tokenizer (tokenizer.json + config), for the router
     GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up;
@@ -10,7 +11,8 @@
     GET  /debug              leak-check state (free/held/reserved blocks, fds, threads, children)
     GET  /metrics            Prometheus text: request latencies, engine gauges, KV transfers (docs/metrics.md)
 
-A client that disconnects from a generate stream aborts the request, which frees its KV.
+A client that disconnects from a generate stream aborts the request, which frees its KV. Output
+events go out as deltas (serving/output_deltas.py).
 Off loopback, every path but /health needs the worker's internal secret (serving/internal_auth.py).
 """
 
@@ -30,8 +32,9 @@ from starlette.concurrency import run_in_threadpool
 from pdserve.runtime.engine_service import EngineService
 from pdserve.runtime.protocol import is_last_event
 from pdserve.serving.errors import error_response
-from pdserve.serving.event_hub import EventHub
+from pdserve.serving.event_hub import EventHub, Mailbox
 from pdserve.serving.internal_auth import InternalSecret
+from pdserve.serving.output_deltas import DeltaEncoder
 from pdserve.serving.worker_metrics import WorkerMetrics, WorkerRequestTimer
 
 _CLIENT = b"http"
@@ -130,14 +133,15 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
 
 
 async def _stream(
-    service: EngineService, hub: EventHub, request_id: str, events: Any, timer: WorkerRequestTimer,
+    service: EngineService, hub: EventHub, request_id: str, events: Mailbox, timer: WorkerRequestTimer,
 ) -> AsyncIterator[bytes]:
     finished = False
+    deltas = DeltaEncoder()  # outputs go out as deltas: linear in the output's length
     try:
         while True:
             event = await events.get()
             timer.on_event(event)
-            yield (json.dumps(event) + "\n").encode()
+            yield (json.dumps(deltas.encode(event)) + "\n").encode()
             if is_last_event(event):
                 finished = True
                 timer.end("error" if event.get("event") in ("error", "kv_failed") else "finished")

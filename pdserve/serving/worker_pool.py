@@ -118,16 +118,17 @@ class WorkerPool:
         self.prefix.forget(worker.url)
 
     def pick(self, *roles: str, fits: Callable[[Worker], bool] | None = None,
-             prefix: Sequence[BlockHash] = (), num_tokens: int = 0) -> Worker | None:
+             prefix: Sequence[BlockHash] = (), num_tokens: int = 0, owner: str = "") -> Worker | None:
         """The healthy worker serving the first of ``roles`` that has any, by policy; or None."""
-        return self.pick_other(*roles, exclude=set(), fits=fits, prefix=prefix, num_tokens=num_tokens)
+        return self.pick_other(*roles, exclude=set(), fits=fits, prefix=prefix, num_tokens=num_tokens, owner=owner)
 
     def pick_other(
         self, *roles: str, exclude: set[str], fits: Callable[[Worker], bool] | None = None,
-        prefix: Sequence[BlockHash] = (), num_tokens: int = 0,
+        prefix: Sequence[BlockHash] = (), num_tokens: int = 0, owner: str = "",
     ) -> Worker | None:
         """Like :meth:`pick`, leaving out the URLs in ``exclude`` (for a retry) and the workers
-        ``fits`` refuses (no KV room)."""
+        ``fits`` refuses (no KV room). ``owner`` (a request id) holds the breaker's half-open probe
+        if this pick is one, until it reports a verdict or releases it."""
         for role in roles:
             candidates = [
                 w for w in self.workers
@@ -139,7 +140,7 @@ class WorkerPool:
             chosen = self._choose(role, candidates, prefix)
             chosen.sent_since_refresh += 1
             chosen.tokens_sent_since_refresh += num_tokens
-            chosen.breaker.claim()
+            chosen.breaker.claim(owner)
             return chosen
         return None
 
@@ -168,6 +169,13 @@ class WorkerPool:
     def max_model_len(self) -> int:
         lengths = [int(w.info["max_model_len"]) for w in self.workers if w.healthy and "max_model_len" in w.info]
         return min(lengths) if lengths else 2048
+
+    def max_sequence_tokens(self) -> int | None:
+        """The most positions one sequence can hold on the smallest decoding worker's KV pool, or
+        None before any reported its load."""
+        sizes = [int(w.load["num_blocks"]) * int(w.load["block_size"]) for w in self.workers
+                 if w.healthy and w.role in ("decode", "both") and w.load.get("num_blocks") and w.load.get("block_size")]
+        return min(sizes) if sizes else None
 
     def block_size(self) -> int:
         sizes = [int(w.load["block_size"]) for w in self.workers if w.healthy and w.load.get("block_size")]
