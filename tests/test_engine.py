@@ -204,6 +204,32 @@ def test_a_request_whose_kv_is_poisoned_fails_alone(llm: LLM) -> None:
     assert engine.request_ids() == [] and engine.stats().num_free_blocks == engine.stats().num_blocks
 
 
+def test_a_handoff_with_a_token_outside_the_vocabulary_is_refused_alone(llm: LLM) -> None:
+    """A peer's first token is checked on import, by both halves (the header's at reserve_kv, a
+    pipelined transfer's at commit_kv): taken as is, it would fail the next step's embedding and
+    every request in the batch. The neighbour decoding meanwhile gets its solo tokens."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    (solo,) = llm.generate(PROMPT, params)
+    handoff = llm.prefill_only("Once upon a time, in a land far away,", params)
+    vocab = llm.engine.architecture.vocab_size
+    bad_first = [replace(handoff.first_tokens[0], token_id=vocab + 5)]
+    engine = llm.engine
+    victim = engine.add_request(PROMPT, params)
+    engine.step()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.import_kv(replace(handoff, first_tokens=bad_first), params, "bad-header")
+    table = engine.reserve_kv(replace(handoff, first_tokens=[]).header, params, "bad-commit")
+    engine.runner.write_kv(table, handoff.kv)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.commit_kv("bad-commit", bad_first)
+    assert engine.abort("bad-commit", report=False)  # what a transfer does when commit fails
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update((output.request_id, output) for output in engine.step())
+    assert outputs[victim].outputs[0].token_ids == solo.outputs[0].token_ids
+    assert engine.request_ids() == [] and engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
 def test_an_engine_that_fails_a_request_reports_it_once(llm: LLM) -> None:
     engine = llm.engine
     request_id = engine.add_request(PROMPT, SamplingParams(max_tokens=8))

@@ -177,10 +177,8 @@ class LLMEngine:
         """
         check_compatible(self.compatibility, header.compatibility)
         params = params or SamplingParams()
-        if header.first_tokens and len(header.first_tokens) != params.n:
-            raise ValueError(
-                f"handoff carries first tokens for {len(header.first_tokens)} choices, request asks n={params.n}"
-            )
+        if header.first_tokens:
+            self._check_first_tokens(header.first_tokens, params.n)
         if header.num_tokens > len(header.prompt_token_ids):
             raise ValueError(
                 f"handoff carries KV for {header.num_tokens} positions of a {len(header.prompt_token_ids)}-token prompt"
@@ -206,12 +204,12 @@ class LLMEngine:
         transfer learns them last). Without them, or with a partial KV, the full blocks go to
         the prefix cache and the rest of the prompt is prefilled here.
         """
-        seq = self._reserved.pop(request_id)
-        request, _ = self._sequences[seq.seq_id]
+        request, _ = self._sequences[self._reserved[request_id].seq_id]
         if first_tokens:
-            if len(first_tokens) != request.params.n:
-                raise ValueError(f"{len(first_tokens)} first tokens for n={request.params.n}")
+            # Raising here leaves the reservation for the caller to abort (a transfer recomputes).
+            self._check_first_tokens(first_tokens, request.params.n)
             request.first_tokens = list(first_tokens)
+        seq = self._reserved.pop(request_id)
         num_tokens = seq.num_computed_tokens
         self.block_manager.register_full_blocks(seq.seq_id, seq.block_hashes(), num_tokens)
         self.block_manager.record_query(seq.num_prompt_tokens, num_tokens)
@@ -231,6 +229,16 @@ class LLMEngine:
             self.block_manager.free(seq.seq_id)
             seq.num_computed_tokens = 0
             self.scheduler.add(seq)
+
+    def _check_first_tokens(self, tokens: SequenceABC[SampledToken], n: int) -> None:
+        """A peer's first tokens, checked before they are taken: an id outside the vocabulary
+        would fail the next step's embedding, and with it every request in the batch."""
+        if len(tokens) != n:
+            raise ValueError(f"handoff carries first tokens for {len(tokens)} choices, request asks n={n}")
+        vocab = self.architecture.vocab_size
+        bad = [token.token_id for token in tokens if not 0 <= token.token_id < vocab]
+        if bad:
+            raise ValueError(f"handoff's first tokens {bad} are outside the vocabulary of {vocab}")
 
     def handoff_header(self, request_id: str) -> HandoffHeader:
         """What a transfer can announce about an in-flight request before its prefill ends."""
