@@ -283,3 +283,29 @@ def test_header_round_trips_through_json(sender: Worker) -> None:
     assert HandoffHeader.from_json(held.header.to_json()) == held.header
     assert prefilled["first_tokens"][0]["token_id"] == held.header.first_tokens[0].token_id
     assert sender.service.connector.withdraw("header")
+
+
+def test_an_unauthenticated_peer_cannot_make_the_server_wait_for_a_huge_frame(sender: Worker) -> None:
+    """A PULL announcing a 4 GiB body, from a peer that proved nothing yet: the KV server refuses
+    it from the frame header alone (an ERROR frame, then it closes), instead of allocating the
+    body and waiting for it until the I/O timeout."""
+    import json
+    import socket
+
+    from pdserve.transfer import wire
+
+    host, port = str(sender.service.connector.address).rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as peer:
+        hello = wire.recv_frame(peer, wire.Deadline(5.0, 5.0))
+        assert hello.kind is wire.Kind.HELLO
+        meta = json.dumps({"kv_cache_id": "anything"}).encode()
+        peer.sendall(wire._HEADER.pack(wire.MAGIC, wire.WIRE_VERSION, int(wire.Kind.PULL), len(meta), (1 << 32) - 1)
+                     + meta)
+        peer.settimeout(1.5)  # far below the server's I/O timeout (2 s here): no waiting for the body
+        with pytest.raises(TransferError, match="peer reported: implausible frame sizes"):  # its ERROR frame
+            wire.recv_frame(peer, wire.Deadline(1.5, 1.5))
+        try:  # and the server closed the connection (a reset: it left our header's bytes unread)
+            closed = peer.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+        assert closed

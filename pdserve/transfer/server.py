@@ -30,7 +30,15 @@ from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.errors import FailureReason, TransferError
 from pdserve.transfer.metrics import TransferMetrics
 from pdserve.transfer.offers import KVOffer, OfferTable
-from pdserve.transfer.wire import Deadline, Kind, expect, recv_frame, send_error, send_frame
+from pdserve.transfer.wire import (
+    CONTROL_META_BYTES,
+    Deadline,
+    Kind,
+    expect,
+    recv_frame,
+    send_error,
+    send_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +138,8 @@ class KVServer:
                 {"protocol": PROTOCOL_VERSION, "nonce": nonce, "auth": self.config.secret is not None},
                 deadline=deadline,
             )
-            pull = expect(recv_frame(sock, deadline), Kind.PULL)
+            # Before the proof is checked, a peer may send only a small control frame.
+            pull = expect(recv_frame(sock, deadline, max_meta=CONTROL_META_BYTES, max_body=0), Kind.PULL)
             requested_id = str(pull.meta.get("kv_cache_id"))
             if self.config.secret is not None and not verify(
                 self.config.secret, nonce, requested_id, pull.meta.get("auth")
@@ -140,7 +149,7 @@ class KVServer:
             kv_cache_id = requested_id
             self.metrics.started.labels("send").inc()
             num_bytes = self._send(sock, offer, str(pull.meta.get("data", "stream")), pull.meta, deadline)
-            expect(recv_frame(sock, deadline), Kind.ACK)
+            expect(recv_frame(sock, deadline, max_meta=CONTROL_META_BYTES, max_body=0), Kind.ACK)
             self.offers.end(kv_cache_id, by_server=True)
             seconds = time.monotonic() - started
             self.metrics.record_success("send", num_bytes, seconds)

@@ -33,6 +33,10 @@ MAGIC = b"PDKV"
 _HEADER = struct.Struct("!4sBBIQ")
 MAX_META_BYTES = 1 << 20
 MAX_BODY_BYTES = 1 << 32
+CONTROL_META_BYTES = 64 << 10
+"""The most a control frame's meta may hold (a PULL, an ACK): what a KV server reads from a peer
+that has not proved the shared secret yet, so an unauthenticated peer cannot make it wait for,
+or allocate, a large frame."""
 
 Buffer = bytes | bytearray | memoryview
 
@@ -105,8 +109,10 @@ def send_frame(
     return len(head) + len(meta_bytes) + body_len
 
 
-def recv_frame(sock: socket.socket, deadline: Deadline) -> Frame:
-    """Read one frame, checking magic, version, sizes and the body checksum."""
+def recv_frame(sock: socket.socket, deadline: Deadline, max_meta: int = MAX_META_BYTES,
+               max_body: int = MAX_BODY_BYTES) -> Frame:
+    """Read one frame, checking magic, version, sizes (at most ``max_meta`` and ``max_body``
+    bytes, refused before either is read) and the body checksum."""
     head = _recv_exact(sock, _HEADER.size, deadline, "reading a frame header")
     magic, version, kind_value, meta_len, body_len = _HEADER.unpack(head)
     if magic != MAGIC:
@@ -119,7 +125,7 @@ def recv_frame(sock: socket.socket, deadline: Deadline) -> Frame:
         kind = Kind(kind_value)
     except ValueError:
         raise TransferError(FailureReason.CORRUPT, f"unknown frame kind {kind_value}") from None
-    if meta_len > MAX_META_BYTES or body_len > MAX_BODY_BYTES:
+    if meta_len > max_meta or body_len > max_body:
         raise TransferError(
             FailureReason.CORRUPT, f"implausible frame sizes (meta {meta_len}, body {body_len} bytes)"
         )
