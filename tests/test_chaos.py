@@ -83,6 +83,9 @@ def test_workers_killed_under_load_never_cut_an_answer_silently() -> None:
                 time.sleep(1)
             assert_no_leaks([w["url"] for w in httpx.get(f"{server.url}/health").json()["workers"]])
         assert tally["complete"] + tally["error"] == ROUNDS * STREAMS and tally["kills"] == ROUNDS
+        # Errors are for the streams on a killed decode worker only (half of them at most, with two
+        # decode workers); a prefill worker's death is recomputed. A server failing everything fails.
+        assert tally["complete"] >= ROUNDS * STREAMS // 2, tally
         print(f"chaos: {tally}")
         pids |= {child.pid for child in psutil.Process(server.process.pid).children(recursive=True)}
     finally:
