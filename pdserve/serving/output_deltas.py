@@ -52,7 +52,7 @@ class DeltaEncoder:
 @dataclass
 class _Choice:
     index: int
-    text_parts: list[str] = field(default_factory=list)
+    text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
 
@@ -72,11 +72,7 @@ class DeltaDecoder:
         for delta in event["outputs"]:
             index = int(delta["index"])
             choice = self._choices.setdefault(index, _Choice(index))
-            if delta.get("text_reset"):
-                choice.text_parts.clear()
-            choice.text_parts.append(delta["text"])
-            if len(choice.text_parts) > 1:  # keep one part: joining every time would be quadratic too
-                choice.text_parts[:] = ["".join(choice.text_parts)]
+            choice.text = delta["text"] if delta.get("text_reset") else choice.text + delta["text"]
             choice.token_ids.extend(delta["token_ids"])
             if delta.get("logprobs") is not None:
                 if choice.logprobs is None:
@@ -86,7 +82,7 @@ class DeltaDecoder:
                 raise ValueError(f"choice {index}: {len(choice.token_ids)} tokens received, "
                                  f"the worker counts {delta['num_tokens']} (a lost event)")
             outputs.append({
-                "index": index, "text": choice.text_parts[0], "token_ids": choice.token_ids,
+                "index": index, "text": choice.text, "token_ids": choice.token_ids,
                 "finish_reason": delta.get("finish_reason"), "stop_reason": delta.get("stop_reason"),
                 "logprobs": choice.logprobs,
             })
