@@ -187,7 +187,7 @@ def test_network_faults_fail_fast_and_fall_back_to_recompute(
         proxy.set_fault(fault)
         prefill(sender, request_id)
         started = time.monotonic()
-        events = pull(receiver, request_id, f"{proxy.address[0]}:{proxy.address[1]}")
+        events = pull(receiver, request_id, f"{proxy.address[0]}:{proxy.address[1]}", server=sender.kv_address)
         (failure,) = failures(events)
         assert failure["reason"] == reason, failure
         assert failure["received_at"] - started < FAST_FAIL.transfer_timeout + 1
@@ -202,7 +202,9 @@ def test_a_slow_link_only_delays_the_transfer(sender: Worker, receiver: Worker, 
     with FaultProxy((host, int(port))) as proxy:
         proxy.set_fault(Fault.delay(0.05))
         prefill(sender, "delayed")
-        events = pull(receiver, "delayed", f"{proxy.address[0]}:{proxy.address[1]}", on_failure="fail")
+        events = pull(
+            receiver, "delayed", f"{proxy.address[0]}:{proxy.address[1]}", on_failure="fail", server=sender.kv_address
+        )
     assert events[0]["event"] == "kv_received" and not failures(events)
     assert token_ids(events) == local_tokens
 
@@ -219,7 +221,8 @@ def _slow_pull(sender: Worker, receiver: Worker, request_id: str, proxy: FaultPr
     proxy.set_fault(Fault.rate(4_000_000, direction=Direction.SERVER_TO_CLIENT))  # ~40 MB take ~10 s
     receiver.generate(
         request_id, prompt, PARAMS,
-        kv={"mode": "pull", "address": f"{proxy.address[0]}:{proxy.address[1]}", "on_failure": "fail"},
+        kv={"mode": "pull", "address": f"{proxy.address[0]}:{proxy.address[1]}", "on_failure": "fail",
+            "server": sender.kv_address},
     )
     time.sleep(0.5)
     return prompt
@@ -267,6 +270,19 @@ def test_pulls_must_prove_the_shared_secret(sender: Worker, receiver: Worker) ->
         connector.close()
     # The failed attempts did not consume the offer: the right secret still gets it.
     events = pull(receiver, "auth", sender.kv_address, on_failure="fail")
+    assert events[0]["event"] == "kv_received"
+
+
+def test_a_proof_relayed_through_another_server_is_refused(sender: Worker, receiver: Worker) -> None:
+    """The receiver's proof names the server it dialed. A rogue server that passes the receiver's
+    proof on to the real one (here: a proxy the receiver took for the server) gets AUTH, and the
+    offer stays for its rightful receiver."""
+    prefill(sender, "relayed")
+    host, port = sender.kv_address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as rogue:
+        events = pull(receiver, "relayed", f"{rogue.address[0]}:{rogue.address[1]}", on_failure="fail")
+    assert [(f["reason"], f["fallback"]) for f in failures(events)] == [("auth", "fail")], events
+    events = pull(receiver, "relayed", sender.kv_address, on_failure="fail")
     assert events[0]["event"] == "kv_received"
 
 

@@ -4,13 +4,16 @@ under a threshold, KV-block back-pressure, limits, and workers added and removed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import http.server
 import json
 import math
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from pdserve.serving.worker_pool import WorkerPool
 from pdserve.transfer.fault_proxy import Fault, FaultProxy
 
 SYSTEM = "You are a careful assistant who answers questions about geography in one short sentence. " * 4
@@ -81,12 +85,14 @@ AUTH = {"Authorization": f"Bearer {SECRET}"}
 
 class Workers:
     """Two prefill workers and a decode worker. The second prefill worker advertises its KV server
-    through a fault proxy (pass-through until a test injects a fault); the decode worker guards
-    its internal API with a secret and gives up on a silent KV link after 2 s."""
+    through a fault proxy (pass-through until a test injects a fault); every worker guards its
+    internal API with a secret (and proves it to the router), and the decode worker gives up on
+    a silent KV link after 2 s."""
 
     def __init__(self, log_dir: Path) -> None:
         common = ("--dtype", "float32", "--kv-memory-mb", "64", "--kv-backend", "tcp", "--drain-timeout", "2",
-                  "--kv-lease-ttl", "3")  # unredeemed /v1/prefill offers of earlier tests expire fast
+                  "--kv-lease-ttl", "3",  # unredeemed /v1/prefill offers of earlier tests expire fast
+                  "--internal-secret", SECRET)
         self.log_dir = log_dir
         kv_port = free_port()
         self.proxy = FaultProxy(("127.0.0.1", kv_port)).__enter__()
@@ -97,7 +103,7 @@ class Workers:
                     "--kv-port", str(kv_port), "--kv-advertise", advertised),
         ]
         self.decode = Process(log_dir, "decode", "worker", "--role", "decode", "--cpus", "1", *common,
-                              "--kv-io-timeout", "2", "--internal-secret", SECRET)
+                              "--kv-io-timeout", "2")
         # A colocated worker for mixed mode; the last test drains it with SIGTERM.
         self.both = Process(log_dir, "both", "worker", "--role", "both", "--cpus", "0", *common,
                             "--drain-timeout", "60")
@@ -415,6 +421,41 @@ def test_the_internal_api_off_the_router_needs_the_secret(workers: Workers) -> N
     assert httpx.get(f"{decode}/load", headers=AUTH).status_code == 200
 
 
+def test_only_a_worker_that_proves_the_secret_is_admitted(workers: Workers) -> None:
+    """A process squatting on a worker's port (here: a plain HTTP server that answers /health like
+    a worker) is never admitted, and neither is a real worker holding another secret."""
+    squatter = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LooksLikeAWorker)
+    threading.Thread(target=squatter.serve_forever, daemon=True).start()
+    squatter_url = f"http://127.0.0.1:{squatter.server_address[1]}"
+
+    async def admitted(secret: str, url: str) -> bool:
+        pool = WorkerPool(decode=[url], worker_secret=secret)
+        async with httpx.AsyncClient() as client:
+            await pool.refresh(client)
+        return pool.workers[0].healthy
+
+    try:
+        assert asyncio.run(admitted(SECRET, workers.decode.url))
+        assert not asyncio.run(admitted("another secret", workers.decode.url))
+        assert not asyncio.run(admitted(SECRET, squatter_url))
+        assert httpx.get(f"{squatter_url}/health").status_code == 200  # it does answer, like a worker
+    finally:
+        squatter.shutdown()
+
+
+class _LooksLikeAWorker(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        body = json.dumps({"status": "ok", "role": "decode", "model": "x", "kv_address": "127.0.0.1:1"}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
 def test_router_and_workers_export_latency_metrics(workers: Workers) -> None:
     router = workers.router(prefill=workers.prefill[:1])
     for _ in range(2):
@@ -504,10 +545,10 @@ def test_mixed_mode_overflows_from_the_decode_pool_to_colocated_workers(workers:
 def test_sigterm_drains_a_worker_then_it_exits(workers: Workers) -> None:
     """Last in the module: the `both` worker stops taking work, finishes its stream, exits 0."""
     both = workers.both
-    shm_name = httpx.get(f"{both.url}/debug", timeout=5).json()["shm_name"]
+    shm_name = httpx.get(f"{both.url}/debug", timeout=5, headers=AUTH).json()["shm_name"]
     assert shm_name and Path(f"/dev/shm/{shm_name}").exists()
     body = {"request_id": "drained", "prompt": "Count slowly:", "params": {"max_tokens": 40, "ignore_eos": True}}
-    with httpx.stream("POST", f"{both.url}/internal/generate", json=body, timeout=60) as stream:
+    with httpx.stream("POST", f"{both.url}/internal/generate", json=body, timeout=60, headers=AUTH) as stream:
         lines = stream.iter_lines()
         events = [json.loads(next(lines))]
         both.process.send_signal(signal.SIGTERM)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -27,6 +28,10 @@ from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.loader import Checkpoint
 from pdserve.serving.router import RouterConfig, create_router_app
 
+WORKER_SECRET = "the workers' secret in these tests"
+WORKER_AUTH = {"Authorization": f"Bearer {WORKER_SECRET}"}
+"""`serve` draws its workers' secret per run unless $PDSERVE_INTERNAL_SECRET gives one: tests
+give one, so that they may look into the workers (/debug, /load) directly."""
 NEW_TOKENS = 24
 REFERENCE_TOKENS = 48  # the parity tests' length, so their cached references are reused
 GREEDY = {"temperature": 0, "max_tokens": NEW_TOKENS, "extra_body": {"ignore_eos": True}}
@@ -54,6 +59,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pdserve.cli", "serve", "--dtype", "float32", "--port", str(self.port),
              "--kv-memory-mb", "256", *flags],
+            env={**os.environ, "PDSERVE_INTERNAL_SECRET": WORKER_SECRET},
         )
         deadline = time.monotonic() + 120
         while True:
@@ -308,7 +314,7 @@ class Router:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([
             sys.executable, "-m", "pdserve.cli", "router", "--port", str(self.port), *flags,
-            "--both", *server.workers[-1:],
+            "--worker-secret", WORKER_SECRET, "--both", *server.workers[-1:],
         ])
         deadline = time.monotonic() + 30
         while True:
@@ -420,7 +426,7 @@ def test_a_client_that_hangs_up_frees_the_request_on_every_worker(server: Server
 
 
 def running_requests(server: Server) -> int:
-    return sum(httpx.get(f"{url}/load").json()["num_running"] for url in server.workers)
+    return sum(httpx.get(f"{url}/load", headers=WORKER_AUTH).json()["num_running"] for url in server.workers)
 
 
 def running_after(server: Server, seconds: float) -> int:
@@ -451,7 +457,7 @@ def test_no_kv_blocks_leak_on_any_worker(server: Server) -> None:
     deadline = time.monotonic() + 15
     for url in server.workers:
         while True:
-            state = httpx.get(f"{url}/debug").json()
+            state = httpx.get(f"{url}/debug", headers=WORKER_AUTH).json()
             idle = state["num_free_blocks"] == state["num_blocks"] and state["num_held_kv"] == 0
             if idle or time.monotonic() > deadline:
                 break

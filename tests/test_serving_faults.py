@@ -12,7 +12,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from test_serving import Server
+from test_serving import WORKER_AUTH, Server
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -53,7 +53,7 @@ def assert_no_leaks(urls: list[str]) -> None:
     deadline = time.monotonic() + 15
     for url in urls:
         while True:
-            state = httpx.get(f"{url}/debug", timeout=5).json()
+            state = httpx.get(f"{url}/debug", timeout=5, headers=WORKER_AUTH).json()
             idle = state["num_free_blocks"] == state["num_blocks"] and state["num_held_kv"] == 0 \
                 and state["num_reserved_kv"] == 0 and state["num_running"] == 0
             if idle or time.monotonic() > deadline:
@@ -73,7 +73,7 @@ def test_a_decode_worker_killed_mid_stream(server: Server) -> None:
     chunks = iter(stream)
     for _ in range(3):
         received += next(chunks).choices[0].text
-    busy = [u for u in decode_urls if httpx.get(f"{u}/load").json()["num_running"] > 0]
+    busy = [u for u in decode_urls if httpx.get(f"{u}/load", headers=WORKER_AUTH).json()["num_running"] > 0]
     assert len(busy) == 1, busy
     os.kill(worker_pid(server, busy[0]), signal.SIGKILL)
     started = time.monotonic()

@@ -79,8 +79,6 @@ class CacheConfig:
     """Reuse full blocks whose chained hash matches an earlier request's."""
     allocator: str = "heap"
     """Where the KV pool tensor lives: "heap" (process memory) or "shm" (named shared memory)."""
-    shm_name: str | None = None
-    """Name of the shared-memory segment for the "shm" allocator; None picks a unique one."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

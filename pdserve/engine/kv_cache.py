@@ -158,8 +158,8 @@ def allocate_pool(layout: KVLayout, cache: CacheConfig, device: torch.device) ->
         return KVCachePool(layout, torch.zeros(layout.shape, dtype=layout.dtype, device=device), None)
     if device.type != "cpu":
         raise ValueError("the 'shm' KV allocator maps host memory; use 'heap' on an accelerator")
-    name = cache.shm_name or segment_name()
-    shm = shared_memory.SharedMemory(name=name, create=True, size=layout.num_bytes)
+    # Always this naming: stale pools are found by it, and peers may copy only from pools so named.
+    shm = shared_memory.SharedMemory(name=segment_name(), create=True, size=layout.num_bytes)
     return KVCachePool(layout, _tensor_over(shm, layout), shm)
 
 

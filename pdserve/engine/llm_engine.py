@@ -179,10 +179,12 @@ class LLMEngine:
         params = params or SamplingParams()
         if header.first_tokens:
             self._check_first_tokens(header.first_tokens, params.n)
-        if header.num_tokens > len(header.prompt_token_ids):
+        if not 0 <= header.num_tokens <= len(header.prompt_token_ids):
             raise ValueError(
                 f"handoff carries KV for {header.num_tokens} positions of a {len(header.prompt_token_ids)}-token prompt"
             )
+        if not 0 <= header.seed < 2**63:
+            raise ValueError(f"handoff's seed {header.seed} is outside [0, 2**63)")
         request = self._new_request(
             list(header.prompt_token_ids), params, request_id or header.request_id, False, None, None,
             seed=header.seed,

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 
 PREFIX = "pdserve-kv-"
 SHM_DIRECTORY = Path("/dev/shm")
+_NAME = re.compile(re.escape(PREFIX) + r"([0-9]{1,10})-[0-9a-f]{12}")
 
 
 def segment_name() -> str:
     """A new segment's name: the prefix, this process's id, and a random part."""
     return f"{PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def segment_owner(name: str) -> int | None:
+    """The pid a segment name says created it, or None if the name is not one of ours: a peer
+    naming a segment to copy from may name only a pdserve KV pool, never another program's."""
+    match = _NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def remove_stale_segments(directory: Path = SHM_DIRECTORY) -> list[str]:

@@ -211,8 +211,9 @@ class EngineService:
     def _start_pull(
         self, request_id: str, prompt: Any, params: SamplingParams, kv: dict[str, Any], cache_salt: str | None
     ) -> None:
-        self.engine.check_request(prompt, params)  # bad input fails now, not after a transfer
+        prompt_ids = self.engine.check_request(prompt, params)  # bad input fails now, not after a transfer
         address, kv_cache_id = str(kv["address"]), str(kv.get("kv_cache_id", request_id))
+        server = str(kv["server"]) if kv.get("server") else None
         receiver = self._receiver(str(kv.get("backend") or self.transfer.backend))
         on_failure = kv.get("on_failure", "recompute")
         if on_failure not in ("recompute", "fail"):
@@ -220,8 +221,9 @@ class EngineService:
         loop, engine = self.loop, self.engine
 
         def reserve(header: HandoffHeader) -> list[int]:
-            if isinstance(prompt, list) and list(header.prompt_token_ids) != prompt:
-                # A redeemed two-phase prefill made for another prompt: its KV would be garbage here.
+            if list(header.prompt_token_ids) != prompt_ids:
+                # A redeemed two-phase prefill made for another prompt, or a peer that swapped the
+                # prompt: its KV would be garbage here (and the output another request's).
                 raise IncompatibleHandoffError("the offered KV was computed for a different prompt")
             return loop.call(lambda e: e.reserve_kv(header, params, request_id, cache_salt=cache_salt)).result(
                 timeout=30
@@ -251,7 +253,7 @@ class EngineService:
 
         def run() -> None:
             try:
-                receiver.pull(address, kv_cache_id, target, kv.get("codec"))
+                receiver.pull(address, kv_cache_id, target, kv.get("codec"), server)
             except TransferError as error:
                 self._pull_failed(request_id, prompt, params, error, on_failure, target.aborted, cache_salt)
             finally:
@@ -268,7 +270,10 @@ class EngineService:
         with self._lock:
             receiver = self._receivers.get(backend)
             if receiver is None:
-                receiver = connector_class(backend)(self.transfer, self.engine.kv_pool.layout)
+                # One set of metrics for every backend: /metrics counts each pull, whichever it used.
+                receiver = connector_class(backend)(
+                    self.transfer, self.engine.kv_pool.layout, metrics=self.connector.metrics
+                )
                 self._receivers[backend] = receiver
             return receiver
 

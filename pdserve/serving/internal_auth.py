@@ -1,16 +1,24 @@
 """The shared secret that guards a worker's internal API when it listens off loopback.
 
-On loopback only local processes can reach a worker, so its API is open. Listening on any other
-address, a worker refuses to start without ``--internal-secret`` (or
-``$PDSERVE_INTERNAL_SECRET``); then every request but ``/health`` must carry
-``Authorization: Bearer <secret>`` (the router sends it: ``pdserve router --worker-secret``).
-``/health`` stays open so that load balancers and supervisors can probe without the secret.
+Listening on any address but loopback, a worker refuses to start without ``--internal-secret``
+(or ``$PDSERVE_INTERNAL_SECRET``); ``pdserve serve`` gives its loopback workers one too, drawn
+per run, since other local users are not trusted either. With a secret, every request but
+``/health`` must carry ``Authorization: Bearer <secret>`` (the router sends it: ``pdserve
+router --worker-secret``). ``/health`` stays open so that load balancers can probe without it.
+
+The other way round, a worker proves the secret to whoever checks its health: a ``/health``
+carrying a challenge (a fresh nonce) is answered with an HMAC over it. So the router and the
+supervisor admit, and re-admit after a restart, only a process that holds the secret, never
+another one that took the worker's port meanwhile (and would be sent every prompt).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
+import secrets
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -18,6 +26,8 @@ from pdserve.serving.errors import error_body
 from pdserve.transfer.config import is_loopback
 
 OPEN_PATHS = frozenset({"/health"})
+CHALLENGE_HEADER = "x-pdserve-challenge"
+PROOF_HEADER = "x-pdserve-proof"
 
 
 def check_internal_secret(host: str, secret: str | None) -> None:
@@ -27,6 +37,23 @@ def check_internal_secret(host: str, secret: str | None) -> None:
             f"the worker would listen on {host}, off loopback: set --internal-secret (or "
             "$PDSERVE_INTERNAL_SECRET) so that only the router can submit work"
         )
+
+
+def prove_identity(secret: str, challenge: str) -> str:
+    return hmac.new(secret.encode(), f"worker-identity:{challenge}".encode(), hashlib.sha256).hexdigest()
+
+
+def identity_challenge() -> tuple[str, dict[str, str]]:
+    """A fresh challenge, and the headers that carry it on a ``/health`` request."""
+    challenge = secrets.token_hex(16)
+    return challenge, {CHALLENGE_HEADER: challenge}
+
+
+def proves_identity(secret: str | None, challenge: str, headers: Mapping[str, str]) -> bool:
+    """Did the worker answer ``challenge`` with the secret? (Always, when there is no secret.)"""
+    if secret is None:
+        return True
+    return hmac.compare_digest(prove_identity(secret, challenge), headers.get(PROOF_HEADER, ""))
 
 
 class InternalSecret:

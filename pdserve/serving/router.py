@@ -93,7 +93,7 @@ class RouterConfig:
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
-    pool = WorkerPool(config.prefill, config.decode, config.both, config.routing)
+    pool = WorkerPool(config.prefill, config.decode, config.both, config.routing, worker_secret=config.worker_secret)
     metrics = RouterMetrics()
     dispatcher = Dispatcher(
         pool, KVLedger(config.kv_overcommit),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -51,7 +52,14 @@ def run_serve(args: argparse.Namespace) -> int:
     # Each pool on the kernels that suit its phase (role_formats.py).
     role_flags = {"prefill": args.prefill_weight_format, "decode": args.decode_weight_format, "both": "auto"}
     formats = {role: role_format(role, role_flags[role], args.weight_format, cpu_features()) for role in set(roles)}
-    group = ProcessGroup(log)
+    # Per-run secrets, unless given: the workers' API and KV server then serve only the router
+    # and each other, not every local process (docs/security.md).
+    env = {
+        **os.environ,
+        "PDSERVE_INTERNAL_SECRET": os.environ.get("PDSERVE_INTERNAL_SECRET") or secrets.token_urlsafe(32),
+        "PDSERVE_KV_SECRET": os.environ.get("PDSERVE_KV_SECRET") or secrets.token_urlsafe(32),
+    }
+    group = ProcessGroup(log, secret=env["PDSERVE_INTERNAL_SECRET"])
     urls: dict[str, list[str]] = {"prefill": [], "decode": [], "both": []}
     try:
         for index, role in enumerate(roles):
@@ -66,7 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
                 "--log-level", args.log_level, *(["--plain-logs"] if args.plain_logs else []),
             ]
-            group.spawn(f"{role} worker {index}", url, argv)
+            group.spawn(f"{role} worker {index}", url, argv, env)
             urls[role].append(url)
             log(f"starting {role} worker on core(s) {cpus}, weights {formats[role].weight_format} "
                 f"({formats[role].why})")
@@ -74,7 +82,7 @@ def run_serve(args: argparse.Namespace) -> int:
         group.watch()
         config = router_config_from_args(
             args, prefill=tuple(urls["prefill"]), decode=tuple(urls["decode"]), both=tuple(urls["both"]),
-            kv_backend="shm",
+            kv_backend="shm", worker_secret=env["PDSERVE_INTERNAL_SECRET"],
         )
         app = create_router_app(config)
         base = f"http://{args.host}:{args.port}"

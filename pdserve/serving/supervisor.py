@@ -3,7 +3,8 @@
 ``ProcessGroup`` spawns commands and waits for each worker's ``/health``. Once started, a
 watcher thread restarts a member that died, after a back-off that doubles with each quick
 death (1 s up to 30 s) and resets once a member stayed up for a minute; the router's health
-checks re-admit it when it answers again. ``stop`` sends SIGTERM, then SIGKILL to whatever is
+checks re-admit it when it answers again, proving the group's secret (so a process that took the
+port during the back-off is never admitted). ``stop`` sends SIGTERM, then SIGKILL to whatever is
 left. Children also get the parent-death signal, so an abruptly killed supervisor leaves no
 orphans. Multi-node deployment replaces this module (with Ray actors), not the workers or the
 router.
@@ -11,17 +12,19 @@ router.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
 
 from pdserve.runtime.exit_status import describe_exit
+from pdserve.serving.internal_auth import identity_challenge, proves_identity
 
 MIN_BACKOFF, MAX_BACKOFF, STABLE_AFTER = 1.0, 30.0, 60.0
 
@@ -32,21 +35,27 @@ class ManagedProcess:
     url: str
     process: subprocess.Popen[bytes]
     argv: list[str]
+    env: dict[str, str]
     started: float = 0.0
     backoff: float = MIN_BACKOFF
     restarts: int = 0
 
 
 class ProcessGroup:
-    def __init__(self, log: Callable[[str], None] = lambda _message: None) -> None:
+    def __init__(self, log: Callable[[str], None] = lambda _message: None, secret: str | None = None) -> None:
         self.members: list[ManagedProcess] = []
         self._log = log
+        self._secret = secret
+        """The members' internal secret: a member is ready only once its /health proves it."""
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
-    def spawn(self, name: str, url: str, argv: Sequence[str]) -> ManagedProcess:
-        process = subprocess.Popen([sys.executable, *argv])
-        member = ManagedProcess(name, url, process, list(argv), time.monotonic())
+    def spawn(self, name: str, url: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> ManagedProcess:
+        """Start ``python argv...``; ``env`` replaces the environment (secrets go there, never in
+        argv, which every local user can read)."""
+        member_env = dict(env if env is not None else os.environ)
+        process = subprocess.Popen([sys.executable, *argv], env=member_env)
+        member = ManagedProcess(name, url, process, list(argv), member_env, time.monotonic())
         self.members.append(member)
         return member
 
@@ -66,7 +75,7 @@ class ProcessGroup:
                 self._log(f"{member.name} ended ({how}); restarting in {member.backoff:.0f} s")
                 if self._stopping.wait(member.backoff):
                     return
-                member.process = subprocess.Popen([sys.executable, *member.argv])
+                member.process = subprocess.Popen([sys.executable, *member.argv], env=member.env)
                 member.started = time.monotonic()
                 member.restarts += 1
 
@@ -79,7 +88,9 @@ class ProcessGroup:
                 if member.process.poll() is not None:
                     raise RuntimeError(f"{member.name} ended ({describe_exit(member.process.returncode)}) while starting")
                 try:
-                    if httpx.get(f"{member.url}/health", timeout=1.0).status_code == 200:
+                    challenge, headers = identity_challenge()
+                    response = httpx.get(f"{member.url}/health", timeout=1.0, headers=headers)
+                    if response.status_code == 200 and proves_identity(self._secret, challenge, response.headers):
                         pending.remove(member)
                         log(f"{member.name} ready at {member.url}")
                 except httpx.HTTPError:

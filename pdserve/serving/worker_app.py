@@ -33,7 +33,12 @@ from pdserve.runtime.engine_service import EngineService
 from pdserve.runtime.protocol import is_last_event
 from pdserve.serving.errors import error_response
 from pdserve.serving.event_hub import EventHub, Mailbox
-from pdserve.serving.internal_auth import InternalSecret
+from pdserve.serving.internal_auth import (
+    CHALLENGE_HEADER,
+    PROOF_HEADER,
+    InternalSecret,
+    prove_identity,
+)
 from pdserve.serving.output_deltas import DeltaEncoder
 from pdserve.serving.worker_metrics import WorkerMetrics, WorkerRequestTimer
 
@@ -92,17 +97,19 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
         return reply
 
     @app.get("/health")
-    async def health() -> Any:
+    async def health(request: Request) -> Any:
         busy = service.loop.busy_seconds()
         if not service.loop.alive or busy > wedged_after:
             # The router stops sending here; the requests in flight time out at their clients.
             why = "its engine loop has stopped" if not service.loop.alive else f"its engine loop is stuck ({busy:.0f} s)"
             return error_response(f"worker unhealthy: {why}", 503)
-        return {
+        challenge = request.headers.get(CHALLENGE_HEADER)
+        proof = {PROOF_HEADER: prove_identity(internal_secret, challenge)} if internal_secret and challenge else None
+        return JSONResponse({
             "status": "ok", "role": role, "model": service.engine.model_name,
             "kv_address": service.connector.address, "max_model_len": service.engine.max_model_len,
             "weight_format": service.engine.config.model.weight_format,
-        }
+        }, headers=proof)
 
     @app.get("/internal/tokenizer")
     async def tokenizer() -> Any:

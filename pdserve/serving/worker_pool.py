@@ -12,12 +12,14 @@ chosen by name:
                   its cache (serving/prefix_index.py), unless it is busier than the least
                   loaded one by more than ``max_imbalance`` requests; ties by load. Decode:
                   least loaded.
-A worker whose circuit breaker is open (serving/circuit_breaker.py) is skipped.
+A worker whose circuit breaker is open (serving/circuit_breaker.py) is skipped. With the
+workers' secret, a worker counts as healthy only if its ``/health`` proves the secret.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,10 @@ import httpx
 
 from pdserve.engine.block_manager import BlockHash
 from pdserve.serving.circuit_breaker import CircuitBreaker
+from pdserve.serving.internal_auth import identity_challenge, proves_identity
 from pdserve.serving.prefix_index import PrefixIndex
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 ROLES = ("prefill", "decode", "both")
@@ -43,6 +48,8 @@ class Worker:
     sent_since_refresh: int = 0
     tokens_sent_since_refresh: int = 0
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    unproven: bool = False
+    """It answered /health without proving the workers' secret (so it is not healthy)."""
 
     def busyness(self) -> tuple[int, int]:
         """Smaller is less busy. Prefill: (queued prompt tokens, queued requests); others:
@@ -61,11 +68,14 @@ class WorkerPool:
     def __init__(
         self, prefill: Sequence[str] = (), decode: Sequence[str] = (), both: Sequence[str] = (),
         policy: str = "round_robin", max_imbalance: int = 4, breaker: Callable[[], CircuitBreaker] = CircuitBreaker,
+        worker_secret: str | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy = policy
         self.max_imbalance = max_imbalance
+        self.worker_secret = worker_secret
+        """With a secret, a worker is admitted only if its /health proves it (internal_auth.py)."""
         self.prefix = PrefixIndex()
         self._new_breaker = breaker
         self.workers: list[Worker] = []
@@ -101,8 +111,14 @@ class WorkerPool:
         for worker in list(self.workers):
             was_healthy = worker.healthy
             try:
-                response = await client.get(f"{worker.url}/health", timeout=2.0)
+                challenge, headers = identity_challenge()
+                response = await client.get(f"{worker.url}/health", timeout=2.0, headers=headers)
                 worker.healthy = response.status_code == 200
+                proven = proves_identity(self.worker_secret, challenge, response.headers)
+                if worker.healthy and not proven and not worker.unproven:  # said once, not every refresh
+                    log.warning("%s answers /health without proving the workers' secret: not admitted "
+                                "(another process on its port?)", worker.url)
+                worker.healthy, worker.unproven = worker.healthy and proven, worker.healthy and not proven
                 worker.info = response.json() if worker.healthy else {}
                 if worker.healthy:
                     worker.load = (await client.get(f"{worker.url}/load", timeout=2.0)).json()

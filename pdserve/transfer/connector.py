@@ -48,7 +48,7 @@ from pdserve.engine.handoff import (
 )
 from pdserve.engine.kv_cache import KVLayout
 from pdserve.engine.sampler import SampledToken
-from pdserve.transfer.auth import prove
+from pdserve.transfer.auth import new_nonce, prove_pull, prove_server, verify
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.errors import FailureReason, TransferError
 from pdserve.transfer.metrics import TransferMetrics
@@ -156,8 +156,14 @@ class KVConnector(ABC):
 
     # -- receiving side --------------------------------------------------------------------
 
-    def pull(self, address: str, kv_cache_id: str, target: PullTarget, codec: str | None = None) -> PullResult:
-        """Fetch ``kv_cache_id`` from the sender at ``address`` into ``target``; see the contract."""
+    def pull(
+        self, address: str, kv_cache_id: str, target: PullTarget, codec: str | None = None, server: str | None = None
+    ) -> PullResult:
+        """Fetch ``kv_cache_id`` from the sender at ``address`` into ``target``; see the contract.
+
+        ``server`` is the KV server's own address when ``address`` only leads to it (a TCP
+        proxy or tunnel): the proof of the secret names the server, which checks it is itself.
+        """
         deadline = Deadline(self.config.transfer_timeout, self.config.io_timeout)
         started = time.monotonic()
         self.metrics.started.labels("receive").inc()
@@ -169,8 +175,11 @@ class KVConnector(ABC):
             if target.aborted:
                 raise TransferError(FailureReason.ABORTED, "the request was aborted on the receiver")
             hello = expect(recv_frame(sock, deadline), Kind.HELLO)
-            send_frame(sock, Kind.PULL, self._pull_meta(hello, kv_cache_id, codec), deadline=deadline)
+            nonce = new_nonce()
+            pull_meta = self._pull_meta(hello, kv_cache_id, codec, server or address, nonce)
+            send_frame(sock, Kind.PULL, pull_meta, deadline=deadline)
             head = expect(recv_frame_skipping_waits(sock, deadline), Kind.HEADER)
+            self._check_server(head, nonce, kv_cache_id)
             header = HandoffHeader.from_json(head.meta["header"])
             block_table = _reserve(target, header)
             reserved = True
@@ -185,8 +194,10 @@ class KVConnector(ABC):
                 failure = TransferError(FailureReason.ABORTED, "the request was aborted on the receiver")
             self._fail(sock, target, reserved, failure)
             raise failure from None
-        except (KeyError, ValueError, TypeError) as error:
-            failure = TransferError(FailureReason.PROTOCOL, f"malformed message: {error}")
+        except Exception as error:
+            # Whatever a peer's bytes make go wrong (a field of the wrong type, KV that does not
+            # fit its shape) fails this pull alone; the request then recomputes.
+            failure = TransferError(FailureReason.PROTOCOL, f"unusable data from the sender: {type(error).__name__}: {error}")
             self._fail(sock, target, reserved, failure)
             raise failure from None
         finally:
@@ -223,13 +234,24 @@ class KVConnector(ABC):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _pull_meta(self, hello: Frame, kv_cache_id: str, codec: str | None) -> dict:
-        meta: dict = {"kv_cache_id": kv_cache_id, "data": self.data_mode, "codec": codec or self.config.codec}
+    def _pull_meta(self, hello: Frame, kv_cache_id: str, codec: str | None, server: str, nonce: str) -> dict:
+        meta: dict = {
+            "kv_cache_id": kv_cache_id, "data": self.data_mode, "codec": codec or self.config.codec,
+            "server": server, "nonce": nonce,
+        }
         if hello.meta.get("auth"):
             if self.config.secret is None:
                 raise TransferError(FailureReason.AUTH, "the sender requires a shared secret; none is configured")
-            meta["auth"] = prove(self.config.secret, str(hello.meta["nonce"]), kv_cache_id)
+            meta["auth"] = prove_pull(self.config.secret, str(hello.meta["nonce"]), kv_cache_id, server)
         return meta
+
+    def _check_server(self, head: Frame, nonce: str, kv_cache_id: str) -> None:
+        """With a secret, KV is taken only from a server that proves it too: a peer without it
+        (a process squatting on a worker's port, say) must not fill our cache."""
+        if self.config.secret is not None and not verify(
+            prove_server(self.config.secret, nonce, kv_cache_id), head.meta.get("auth")
+        ):
+            raise TransferError(FailureReason.AUTH, "the KV server did not prove the shared secret")
 
     def _receive(
         self,

@@ -24,6 +24,8 @@ class FailureReason(StrEnum):
     """Either side aborted the request."""
     NO_ROOM = "no_room"
     """The receiver had no free KV blocks for the prompt."""
+    BUSY = "busy"
+    """The sender had too many transfers waiting already."""
     PROTOCOL = "protocol"
     """The peer sent something this protocol version does not expect."""
 

@@ -24,7 +24,7 @@ import torch
 
 from pdserve.engine.handoff import PROTOCOL_VERSION, sampled_token_to_json
 from pdserve.engine.kv_cache import KVLayout
-from pdserve.transfer.auth import new_nonce, verify
+from pdserve.transfer.auth import new_nonce, prove_pull, prove_server, verify
 from pdserve.transfer.codecs import KVCodec, get_codec
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.errors import FailureReason, TransferError
@@ -41,6 +41,9 @@ from pdserve.transfer.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+WAITING_PER_SENDER = 4
+"""Connections that may wait for a sender thread, per thread; more are refused at once."""
 
 
 class KVSource(Protocol):
@@ -85,6 +88,7 @@ class KVServer:
         self._listener.settimeout(min(0.1, config.lease_ttl / 4))
         self._stop = threading.Event()
         self._connections: set[socket.socket] = set()
+        self._max_connections = WAITING_PER_SENDER * config.max_concurrent_transfers
         # Reused threads, not one per connection: a thread's first torch op pays ~10 ms to set
         # up its OpenMP team, more than a whole small transfer takes.
         self._senders = ThreadPoolExecutor(config.max_concurrent_transfers, thread_name_prefix="kv-send")
@@ -124,7 +128,16 @@ class KVServer:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                self._connections.add(sock)
+                full = len(self._connections) >= self._max_connections
+                if not full:
+                    self._connections.add(sock)
+            if full:
+                # Waiting connections hold sockets and memory: a bounded queue, beyond it a
+                # quick refusal (the receiver recomputes) rather than a wait nobody bounds.
+                self.metrics.failed.labels("send", FailureReason.BUSY.value).inc()
+                send_error(sock, FailureReason.BUSY, f"{self._max_connections} transfers already waiting or running")
+                sock.close()
+                continue
             self._senders.submit(self._serve, sock)
 
     def _serve(self, sock: socket.socket) -> None:
@@ -141,10 +154,7 @@ class KVServer:
             # Before the proof is checked, a peer may send only a small control frame.
             pull = expect(recv_frame(sock, deadline, max_meta=CONTROL_META_BYTES, max_body=0), Kind.PULL)
             requested_id = str(pull.meta.get("kv_cache_id"))
-            if self.config.secret is not None and not verify(
-                self.config.secret, nonce, requested_id, pull.meta.get("auth")
-            ):
-                raise TransferError(FailureReason.AUTH, "missing or wrong shared-secret proof")
+            self._check_proof(sock, nonce, requested_id, pull.meta)
             offer = self.offers.claim(requested_id)
             kv_cache_id = requested_id
             self.metrics.started.labels("send").inc()
@@ -175,6 +185,22 @@ class KVServer:
             with self._lock:
                 self._connections.discard(sock)
 
+    def _check_proof(self, sock: socket.socket, nonce: str, kv_cache_id: str, pull: dict) -> None:
+        """With a secret, the PULL must prove it over our nonce, the id and an address of ours:
+        the address the receiver dialed, so a proof handed to some other server is useless here."""
+        if self.config.secret is None:
+            return
+        server = str(pull.get("server"))
+        if server not in self._names(sock):
+            raise TransferError(FailureReason.AUTH, f"the pull was meant for {server}, not this KV server")
+        if not verify(prove_pull(self.config.secret, nonce, kv_cache_id, server), pull.get("auth")):
+            raise TransferError(FailureReason.AUTH, "missing or wrong shared-secret proof")
+
+    def _names(self, sock: socket.socket) -> set[str]:
+        """The addresses a receiver may have dialed to reach us on this connection."""
+        host, port = sock.getsockname()[:2]
+        return {self.address, f"{host}:{port}", *([self.config.advertise] if self.config.advertise else [])}
+
     # -- one pull --------------------------------------------------------------------------
 
     def _send(
@@ -188,7 +214,10 @@ class KVServer:
                 )
             self._await_ready(sock, offer, deadline)
             assert offer.held is not None
-            send_frame(sock, Kind.HEADER, {"header": offer.header.to_json(), "data": "shm"}, deadline=deadline)
+            send_frame(
+                sock, Kind.HEADER, {"header": offer.header.to_json(), "data": "shm", **self._answer(offer, request)},
+                deadline=deadline,
+            )
             send_frame(
                 sock, Kind.SHM,
                 {"shm_name": self.source.shm_name, "block_table": offer.held.block_table, "pid": os.getpid()},
@@ -206,10 +235,17 @@ class KVServer:
             self._await_ready(sock, offer, deadline)
         send_frame(
             sock, Kind.HEADER,
-            {"header": offer.header.to_json(), "data": "stream", "codec": codec.name},
+            {"header": offer.header.to_json(), "data": "stream", "codec": codec.name, **self._answer(offer, request)},
             deadline=deadline,
         )
         return self._stream(sock, offer, codec, deadline)
+
+    def _answer(self, offer: KVOffer, pull: dict) -> dict:
+        """The server's proof over the receiver's nonce, so that the receiver knows whom it got
+        the KV from (nothing without a secret)."""
+        if self.config.secret is None:
+            return {}
+        return {"auth": prove_server(self.config.secret, str(pull.get("nonce")), offer.kv_cache_id)}
 
     def _stream(self, sock: socket.socket, offer: KVOffer, codec: KVCodec, deadline: Deadline) -> int:
         """Send every layer's KV: captured segments while the prefill runs, the rest once held.

@@ -23,6 +23,7 @@ import torch
 
 from pdserve.engine.handoff import HandoffHeader
 from pdserve.engine.kv_cache import KVLayout, attach_shared_pool
+from pdserve.engine.shm_segments import segment_owner
 from pdserve.transfer.connector import KVConnector, PullTarget
 from pdserve.transfer.errors import FailureReason, TransferError
 from pdserve.transfer.wire import Deadline, Frame, Kind, expect, recv_frame
@@ -53,8 +54,11 @@ class ShmConnector(KVConnector):
         num_blocks = -(-header.num_tokens // self.layout.block_size)
         if len(source_table) < num_blocks or len(block_table) < num_blocks:
             raise TransferError(FailureReason.PROTOCOL, "block tables shorter than the KV they should hold")
-        with self._peer_pools.borrow(str(frame.meta["shm_name"]), int(frame.meta.get("pid", 0))) as source_pool:
-            if max(source_table[:num_blocks], default=0) >= source_pool.shape[2]:
+        shm_name, sender_pid = str(frame.meta["shm_name"]), int(frame.meta["pid"])
+        if segment_owner(shm_name) != sender_pid:
+            raise TransferError(FailureReason.PROTOCOL, f"{shm_name!r} is not a KV pool of the sender (pid {sender_pid})")
+        with self._peer_pools.borrow(shm_name, sender_pid) as source_pool:
+            if not all(0 <= block < source_pool.shape[2] for block in source_table[:num_blocks]):
                 raise TransferError(FailureReason.PROTOCOL, "sender block id outside its pool")
             destination = target.pool
             for source_start, destination_start, length in block_runs(source_table[:num_blocks], block_table[:num_blocks]):
