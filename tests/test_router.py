@@ -415,6 +415,7 @@ def scrape(url: str) -> dict[str, float]:
 def test_the_internal_api_off_the_router_needs_the_secret(workers: Workers) -> None:
     decode = workers.decode.url
     assert httpx.get(f"{decode}/health").status_code == 200, "health stays open for probes"
+    assert "pdserve_worker" in httpx.get(f"{decode}/metrics").text, "and so do metrics, for Prometheus"
     refused = httpx.post(f"{decode}/internal/generate", json={"request_id": "x", "prompt": [1, 2]})
     assert refused.status_code == 401 and "secret" in refused.json()["error"]["message"]
     assert httpx.get(f"{decode}/load").status_code == 401

@@ -1,10 +1,11 @@
-"""The shared secret that guards a worker's internal API when it listens off loopback.
+"""The shared secret that guards a worker's internal API, and the worker's proof that it holds it.
 
 Listening on any address but loopback, a worker refuses to start without ``--internal-secret``
 (or ``$PDSERVE_INTERNAL_SECRET``); ``pdserve serve`` gives its loopback workers one too, drawn
 per run, since other local users are not trusted either. With a secret, every request but
-``/health`` must carry ``Authorization: Bearer <secret>`` (the router sends it: ``pdserve
-router --worker-secret``). ``/health`` stays open so that load balancers can probe without it.
+``/health`` and ``/metrics`` must carry ``Authorization: Bearer <secret>`` (the router sends
+it: ``pdserve router --worker-secret``). Those two stay open so that load balancers and
+Prometheus can probe without it: they tell counts and timings, never a prompt or an output.
 
 The other way round, a worker proves the secret to whoever checks its health: a ``/health``
 carrying a challenge (a fresh nonce) is answered with an HMAC over it. So the router and the
@@ -25,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pdserve.serving.errors import error_body
 from pdserve.transfer.config import is_loopback
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 CHALLENGE_HEADER = "x-pdserve-challenge"
 PROOF_HEADER = "x-pdserve-proof"
 

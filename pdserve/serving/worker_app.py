@@ -13,7 +13,8 @@
 
 A client that disconnects from a generate stream aborts the request, which frees its KV. Output
 events go out as deltas (serving/output_deltas.py).
-Off loopback, every path but /health needs the worker's internal secret (serving/internal_auth.py).
+With an internal secret (always under serve, required off loopback), every path but /health and
+/metrics needs it (serving/internal_auth.py).
 """
 
 from __future__ import annotations
