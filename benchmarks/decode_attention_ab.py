@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from pdserve.bench.load.stats import percentile
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.loader import Checkpoint, load_checkpoint, resolve_model_path
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.traffic.stats import percentile
 
 
 def _engine(checkpoint: Checkpoint, attention: str, batch: int, context: int, steps: int, threads: int) -> LLMEngine:

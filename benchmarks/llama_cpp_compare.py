@@ -23,13 +23,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pdserve.bench.engine import decode_weight_bytes, measure_copy_bandwidth
+from pdserve.bench.engine.ours import decode_weight_bytes
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.environment import kernels_line
 from pdserve.engine.llm import LLM
 from pdserve.engine.loader import resolve_model_path
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.machine import measure_copy_bandwidth
 
 Round = Callable[[list[int], int], tuple[float, list[float]]]
 """(prompt ids, steps) -> (prefill seconds, decode step seconds)."""

@@ -165,7 +165,7 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", type=Path,
                         help="a RUN.json written by `pdserve bench serve`, or a compare.json by `pdserve bench compare`")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
-    from pdserve.planner.command import add_plan_arguments
+    from pdserve.planner.plan.command import add_plan_arguments
 
     plan = commands.add_parser(
         "plan",
@@ -187,8 +187,8 @@ PLAN_TOOLS = ("calibrate", "validate")
 
 
 def _add_plan_tool_parsers(commands: argparse._SubParsersAction) -> None:
-    from pdserve.planner.calibrate_command import add_calibrate_arguments
-    from pdserve.planner.validate_command import add_validate_arguments
+    from pdserve.planner.calibrate.command import add_calibrate_arguments
+    from pdserve.planner.validate.command import add_validate_arguments
 
     calibrate = commands.add_parser(
         "plan-calibrate", prog="pdserve plan calibrate",
@@ -335,25 +335,25 @@ def _bench(args: argparse.Namespace) -> int:
         from pdserve.bench.transfer import run_transfer_benchmark
 
         return run_transfer_benchmark(args)
-    from pdserve.bench.engine import run_engine_benchmark
+    from pdserve.bench.engine.run import run_engine_benchmark
 
     return run_engine_benchmark(args)
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from pdserve.planner.command import run_plan
+    from pdserve.planner.plan.command import run_plan
 
     return run_plan(args)
 
 
 def _plan_calibrate(args: argparse.Namespace) -> int:
-    from pdserve.planner.calibrate_command import run_calibrate
+    from pdserve.planner.calibrate.command import run_calibrate
 
     return run_calibrate(args)
 
 
 def _plan_validate(args: argparse.Namespace) -> int:
-    from pdserve.planner.validate_command import run_validate
+    from pdserve.planner.validate.command import run_validate
 
     return run_validate(args)
 

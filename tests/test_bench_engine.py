@@ -11,7 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.engine import BenchPlan, format_table, percentile
+from pdserve.bench.engine.measure import decode_entry, prefill_entry
+from pdserve.bench.engine.plan import BenchPlan
+from pdserve.bench.engine.table import format_table
+from pdserve.traffic.stats import percentile
 
 
 def test_quick_run_writes_a_complete_report(tmp_path: Path) -> None:
@@ -55,10 +58,13 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path) -> None:
     assert targets["decode_batch32_vs_hf"]["met"] is None  # neither batch 32 nor HF in a quick run
 
 
-def test_percentile_interpolates_like_numpy() -> None:
-    assert percentile([3.0], 0.9) == 3.0
-    assert percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5
-    assert abs(percentile([float(v) for v in range(11)], 0.9) - 9.0) < 1e-12
+def test_entries_take_the_p90_like_numpy() -> None:
+    """Both sides' entries use the one percentile (traffic/stats.py): linear, as numpy's default."""
+    assert percentile([3.0], 90) == 3.0
+    entry = prefill_entry(512, "float32", [4.0, 1.0, 3.0, 2.0])
+    assert entry["median_seconds"] == 2.5 and abs(entry["p90_seconds"] - 3.7) < 1e-12
+    steps = decode_entry(1, 512, "float32", [float(v) for v in range(11)], peak_rss=0)
+    assert abs(steps["p90_step_seconds"] - 9.0) < 1e-12
 
 
 def test_plan_round_trips_through_json() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.load.arrivals import arrival_times
-from pdserve.bench.load.records import RequestRecord
-from pdserve.bench.load.stats import SLO, percentile, summarize
-from pdserve.bench.load.workloads import PRESETS, dataset_requests, fixed_preset, synthetic_requests
+from pdserve.traffic.arrivals import arrival_times
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.stats import SLO, percentile, summarize
+from pdserve.traffic.workloads import PRESETS, dataset_requests, fixed_preset, synthetic_requests
 
 
 def test_percentiles_interpolate_between_closest_ranks() -> None:
@@ -155,7 +155,7 @@ def test_a_bounded_run_against_pdserve_serve(tmp_path: Path) -> None:
 
 def test_the_max_rate_meeting_the_goal_and_the_comparison_table() -> None:
     from pdserve.bench.load.compare import compare_markdown
-    from pdserve.bench.load.stats import max_rate_meeting_goal
+    from pdserve.traffic.stats import max_rate_meeting_goal
 
     points = [{"rate": 0.5, "slo_attainment": 1.0}, {"rate": 1.0, "slo_attainment": 0.92},
               {"rate": 2.0, "slo_attainment": 0.4}, {"rate": 4.0, "skipped": "time budget", "slo_attainment": None}]
@@ -223,7 +223,7 @@ def test_compare_refuses_a_non_positive_rate_or_count() -> None:
 
 
 def test_the_length_scaled_slo_scales_the_ttft_budget_above_the_median() -> None:
-    from pdserve.bench.load.stats import LengthScaledSLO
+    from pdserve.traffic.stats import LengthScaledSLO
 
     slo = LengthScaledSLO(SLO(ttft=1.0, tpot=0.1), reference_tokens=500)
     assert slo.ttft_budget(250) == 1.0 and slo.ttft_budget(1500) == 3.0

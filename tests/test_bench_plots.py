@@ -17,15 +17,15 @@ import pytest
 from pdserve.bench.load.command import run_report
 from pdserve.bench.load.compare import compare_markdown
 from pdserve.bench.load.plots import cdf_rate
-from pdserve.bench.load.records import RequestRecord
 from pdserve.bench.load.report import write_run
-from pdserve.bench.load.server_metrics import (
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.server_metrics import (
     ServerMetricsRecorder,
     headline,
     parse_metrics,
     source_delta,
 )
-from pdserve.bench.load.stats import SLO, summarize
+from pdserve.traffic.stats import SLO, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

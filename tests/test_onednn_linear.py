@@ -52,7 +52,7 @@ def test_bf16_model_packs_its_projections_and_head(checkpoint: Checkpoint) -> No
                for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
     assert model.lm_head.kernel(1) == "onednn-bf16"
     # The engine benchmark's bandwidth floor still counts every weight once (the head is tied).
-    from pdserve.bench.engine import decode_weight_bytes
+    from pdserve.bench.engine.ours import decode_weight_bytes
 
     assert checkpoint.architecture.tie_word_embeddings
     assert decode_weight_bytes(model) == 2 * sum(w.numel() for w in checkpoint.weights.values())

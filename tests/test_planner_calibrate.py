@@ -14,21 +14,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pdserve.bench.load.records import RequestRecord
-from pdserve.bench.load.stats import percentile
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.step_counters import ChunkWork, StepCounters
-from pdserve.planner.calibrate import (
+from pdserve.planner.calibrate.engine_steps import (
     QUICK_PLAN,
     STANDARD_PLAN,
     CalibrationPlan,
     _observe,
-    fit_roofline,
 )
-from pdserve.planner.hardware import Accelerator
-from pdserve.planner.models import load_model_catalogue
-from pdserve.planner.roofline import Efficiency, RooflineCostModel
-from pdserve.planner.step_profile import (
+from pdserve.planner.calibrate.roofline_fit import fit_roofline
+from pdserve.planner.calibrate.step_profile import (
     FitQuality,
     LinearStepCost,
     RooflineFit,
@@ -41,13 +36,18 @@ from pdserve.planner.step_profile import (
     nonnegative_least_squares,
     save_profile,
 )
-from pdserve.planner.validate import (
+from pdserve.planner.catalogue.hardware import Accelerator
+from pdserve.planner.catalogue.models import load_model_catalogue
+from pdserve.planner.cost.roofline import Efficiency, RooflineCostModel
+from pdserve.planner.validate.command import add_validate_arguments, run_validate
+from pdserve.planner.validate.replay import (
     TARGET_LAYOUTS,
     ValidationSettings,
     cluster_for,
     validate_comparison,
 )
-from pdserve.planner.validate_command import add_validate_arguments, run_validate
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.stats import percentile
 
 # Roughly this machine's magnitudes at one thread (seconds per unit).
 TRUE = StepCoefficients(per_step_s=0.012, per_prefill_token_s=2.5e-3, per_attention_pair_s=3e-7,
@@ -256,7 +256,7 @@ def test_validation_predicts_hand_computed_latencies() -> None:
 
 
 def test_phase_scaled_cost_and_serving_factors_by_hand() -> None:
-    from pdserve.planner.serving_factors import (
+    from pdserve.planner.validate.serving_factors import (
         PhaseScaledCost,
         UnloadedMeasurement,
         serving_factors,
@@ -372,7 +372,7 @@ def test_validate_reports_the_repeats_of_two_runs(tmp_path: Path) -> None:
 
 def test_measure_samples_on_the_real_engine(checkpoint: Any) -> None:
     from pdserve.engine.llm_engine import LLMEngine
-    from pdserve.planner.calibrate import measure_samples
+    from pdserve.planner.calibrate.engine_steps import measure_samples
 
     plan = CalibrationPlan(prefill_points=((16, 0), (8, 32)), decode_points=((2, 24),),
                            mixed_points=((2, 24, 8),), repeats=2, time_budget_s=60.0)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from pdserve.planner.hardware import FIGURES, Accelerator, load_hardware_catalogue
-from pdserve.planner.models import ModelSpec, load_model_catalogue, model_from_config_json
-from pdserve.planner.roofline import Efficiency, RooflineCostModel
+from pdserve.planner.catalogue.hardware import FIGURES, Accelerator, load_hardware_catalogue
+from pdserve.planner.catalogue.models import ModelSpec, load_model_catalogue, model_from_config_json
+from pdserve.planner.cost.roofline import Efficiency, RooflineCostModel
 
 REQUIRED_ACCELERATORS = {"H200", "H100-SXM", "A100-80GB", "A100-40GB", "L40S", "L4", "A10G", "T4", "MI300X"}
 REQUIRED_MODELS = {

@@ -10,8 +10,8 @@ import time
 import psutil
 import pytest
 
-from pdserve.planner.calibrate_command import add_calibrate_arguments, run_calibrate
-from pdserve.planner.neighbour_load import NeighbourLoad
+from pdserve.planner.calibrate.command import add_calibrate_arguments, run_calibrate
+from pdserve.planner.calibrate.neighbour_load import NeighbourLoad
 
 needs_two_cores = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a second core")
 

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from pdserve.bench.load.server_metrics import parse_metrics
-from pdserve.bench.load.stats import SLO
-from pdserve.planner.capacity import BatchRate, decode_rate, prefill_rate, prefill_seconds
+from pdserve.planner.cost.capacity import BatchRate, decode_rate, prefill_rate, prefill_seconds
 from pdserve.planner.online import LiveLoad, PoolSizes, recommend_pools
+from pdserve.traffic.server_metrics import parse_metrics
+from pdserve.traffic.stats import SLO
 
 
 class ToyCost:

@@ -14,17 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.load.stats import SLO
-from pdserve.bench.load.workloads import fixed_preset
-from pdserve.planner.command import add_plan_arguments, resolve_name, run_plan
-from pdserve.planner.fleet import Fleet, InstanceType, Pool, saving
-from pdserve.planner.hardware import Accelerator, GpuHourPrice, load_hardware_catalogue
-from pdserve.planner.models import load_model_catalogue
-from pdserve.planner.optimizer import Plan, SearchSettings, grow, plan
-from pdserve.planner.plan_report import impossible_message, table_text, verdict
-from pdserve.planner.plan_screen import EngineSettings, screen
-from pdserve.planner.plan_sim import FleetCheck, PlanGoal, SimSettings, check_fleet, slice_counts
-from pdserve.planner.plan_workload import PlanWorkload
+from pdserve.planner.catalogue.hardware import Accelerator, GpuHourPrice, load_hardware_catalogue
+from pdserve.planner.catalogue.models import load_model_catalogue
+from pdserve.planner.plan.command import add_plan_arguments, resolve_name, run_plan
+from pdserve.planner.plan.fleet import Fleet, InstanceType, Pool, saving
+from pdserve.planner.plan.fleet_check import (
+    FleetCheck,
+    PlanGoal,
+    SimSettings,
+    check_fleet,
+    slice_counts,
+)
+from pdserve.planner.plan.optimizer import Plan, SearchSettings, grow, plan
+from pdserve.planner.plan.report import impossible_message, table_text, verdict
+from pdserve.planner.plan.screen import EngineSettings, screen
+from pdserve.planner.plan.workload import PlanWorkload
+from pdserve.traffic.stats import SLO
+from pdserve.traffic.workloads import fixed_preset
 
 SMOL = load_model_catalogue()["SmolLM2-135M"]
 SLO_50MS = SLO(ttft=0.5, tpot=0.05)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from pdserve.planner.repeats import RepeatedComparison, group_repeats
-from pdserve.planner.validate import METRICS, QUANTILES, Comparison, PointResult
+from pdserve.planner.validate.repeats import RepeatedComparison, group_repeats
+from pdserve.planner.validate.replay import METRICS, QUANTILES, Comparison, PointResult
 
 
 def _point(source: str, workload: str, target: str, rate: float, measured: float, predicted: float,

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.planner.cost import StepCostModel
-from pdserve.planner.hardware import Accelerator, load_hardware_catalogue
-from pdserve.planner.models import ModelSpec, load_model_catalogue
-from pdserve.planner.roofline import Efficiency, RooflineCostModel
+from pdserve.planner.catalogue.hardware import Accelerator, load_hardware_catalogue
+from pdserve.planner.catalogue.models import ModelSpec, load_model_catalogue
+from pdserve.planner.cost.roofline import Efficiency, RooflineCostModel
+from pdserve.planner.cost.step_cost import StepCostModel
 
 IDEAL = Efficiency(compute=1.0, bandwidth=1.0, step_overhead_s=0.0, link=1.0, allreduce_latency_s=0.0)
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench.load.arrivals import arrival_times
-from pdserve.bench.load.stats import SLO
-from pdserve.bench.load.workloads import PRESETS, LengthRange, Preset
 from pdserve.engine.config import SchedulerConfig
-from pdserve.planner.sim_config import ClusterSpec, InstanceSpec, LinkSpec
-from pdserve.planner.sim_instance import SimInstance
-from pdserve.planner.sim_workload import SimRequest, load_trace, poisson_requests
-from pdserve.planner.simulator import Simulator, simulate
+from pdserve.planner.sim.config import ClusterSpec, InstanceSpec, LinkSpec
+from pdserve.planner.sim.instance import SimInstance
+from pdserve.planner.sim.requests import SimRequest, load_trace, poisson_requests
+from pdserve.planner.sim.simulator import Simulator, simulate
+from pdserve.traffic.arrivals import arrival_times
+from pdserve.traffic.stats import SLO
+from pdserve.traffic.workloads import PRESETS, LengthRange, Preset
 
 
 @dataclass

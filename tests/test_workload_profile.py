@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from pdserve.bench.load.server_metrics import parse_metrics
 from pdserve.bench.workload_profile import (
-    MachinePeaks,
     ModelCosts,
     implied_ratio,
     split_phases,
@@ -24,7 +22,9 @@ from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.llm import LLM
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.step_counters import ChunkWork, StepCounters, StepWork
+from pdserve.machine import MachinePeaks
 from pdserve.serving.worker_metrics import WorkerMetrics
+from pdserve.traffic.server_metrics import parse_metrics
 
 
 def test_steps_are_classified_and_their_attention_work_counted() -> None:

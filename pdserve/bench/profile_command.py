@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pdserve.bench.load.workloads import WORKLOADS
+from pdserve.traffic.workloads import WORKLOADS
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +47,7 @@ def run_profile_workload(args: argparse.Namespace) -> int:
 
     from pdserve.bench.load.loadgen import LoadConfig, run_load
     from pdserve.bench.load.report import environment
-    from pdserve.bench.load.server_metrics import ServerMetricsRecorder
     from pdserve.bench.load.targets import PDSERVE_TARGETS, RunningTarget
-    from pdserve.bench.load.workloads import synthetic_requests
-    from pdserve.bench.machine_peaks import measure_peaks
     from pdserve.bench.workload_profile import (
         ModelCosts,
         markdown,
@@ -59,6 +56,9 @@ def run_profile_workload(args: argparse.Namespace) -> int:
     )
     from pdserve.engine.device import resolve_dtype
     from pdserve.engine.loader.checkpoint import read_model_architecture
+    from pdserve.machine import measure_peaks
+    from pdserve.traffic.server_metrics import ServerMetricsRecorder
+    from pdserve.traffic.workloads import synthetic_requests
 
     if args.num_requests < 1:
         print("pdserve bench profile-workload: --num-requests must be >= 1", file=sys.stderr)

@@ -24,11 +24,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pdserve.bench.load.server_metrics import metric_key
 from pdserve.engine.architecture import LlamaArchitecture
 from pdserve.engine.step_counters import STEP_KINDS, StepWork
+from pdserve.traffic.server_metrics import metric_key
+
+if TYPE_CHECKING:
+    from pdserve.machine import MachinePeaks
 
 _STEP_FIELDS = {
     ("pdserve_worker_engine_steps_total", None): "steps",
@@ -42,7 +45,7 @@ _STEP_FIELDS = {
 
 def step_work_from_counters(workers_counters: Iterable[dict[str, float]]) -> dict[str, StepWork]:
     """Sum the engine step counters of every worker, by step kind. Each dict is a worker's
-    counters as `bench/load/server_metrics.py` keys them (a :class:`Snapshot`'s, or the deltas of
+    counters as `traffic/server_metrics.py` keys them (a :class:`Snapshot`'s, or the deltas of
     a load in `ServerMetricsRecorder.section`)."""
     totals = {kind: StepWork() for kind in STEP_KINDS}
     for counters in workers_counters:
@@ -92,12 +95,6 @@ class ModelCosts:
 
     def step_bytes(self, work: StepWork) -> float:
         return self.weight_bytes * work.steps + self.kv_bytes_per_position * work.decode_context_tokens
-
-
-@dataclass(frozen=True)
-class MachinePeaks:
-    flops_per_second: float
-    bytes_per_second: float
 
 
 def split_phases(work: dict[str, StepWork]) -> dict[str, Any]:

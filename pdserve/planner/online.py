@@ -22,10 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pdserve.bench.load.server_metrics import Snapshot
-from pdserve.bench.load.stats import SLO
-from pdserve.planner.capacity import decode_rate, prefill_seconds
-from pdserve.planner.cost import StepCostModel
+from pdserve.planner.cost.capacity import decode_rate, prefill_seconds
+from pdserve.planner.cost.step_cost import StepCostModel
+from pdserve.traffic.server_metrics import Snapshot
+from pdserve.traffic.stats import SLO
 
 
 @dataclass(frozen=True)

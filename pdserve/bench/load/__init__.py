@@ -1,1 +1,2 @@
-"""``pdserve bench serve``: a load generator for any OpenAI-compatible endpoint, and its statistics."""
+"""``pdserve bench serve``, ``compare`` and ``report``: a load generator for any OpenAI-compatible
+endpoint, and its reports. The workloads, records and statistics it uses are ``pdserve/traffic/``."""

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from pdserve.bench.load.workloads import (
+from pdserve.traffic.workloads import (
     WORKLOADS,
     Preset,
     RequestSpec,
@@ -27,7 +27,7 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name (default: the first of /v1/models)")
     parser.add_argument("--api-key", default=None, help="Bearer key, if the server wants one")
     parser.add_argument("--workload", choices=WORKLOADS, default="mixed",
-                        help="length preset (see pdserve/bench/load/workloads.py; default: mixed)")
+                        help="length preset (see pdserve/traffic/workloads.py; default: mixed)")
     parser.add_argument("--dataset", type=Path, default=None,
                         help="JSONL of real prompts ({\"prompt\", \"max_tokens\"?} per line) instead of the preset")
     parser.add_argument("--fixed-lengths", default=None, metavar="IN,OUT",
@@ -59,9 +59,9 @@ def add_serve_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve_bench(args: argparse.Namespace) -> int:
     from pdserve.bench.load.loadgen import LoadConfig, run_load
     from pdserve.bench.load.report import write_run
-    from pdserve.bench.load.server_metrics import ServerMetricsRecorder
     from pdserve.bench.load.slo import FACTOR, calibrate
-    from pdserve.bench.load.stats import SLO, summarize
+    from pdserve.traffic.server_metrics import ServerMetricsRecorder
+    from pdserve.traffic.stats import SLO, summarize
 
     if (args.slo_ttft is None) != (args.slo_tpot is None):
         print("pdserve bench serve: give both --slo-ttft and --slo-tpot, or neither (calibrated)", file=sys.stderr)
@@ -167,8 +167,8 @@ def run_compare_bench(args: argparse.Namespace) -> int:
 
     from pdserve.bench.load.compare import CompareConfig, run_compare, write_compare_report
     from pdserve.bench.load.report import environment
-    from pdserve.bench.load.stats import SLO
     from pdserve.bench.load.targets import TARGETS
+    from pdserve.traffic.stats import SLO
 
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     unknown = [n for n in names if n not in TARGETS]

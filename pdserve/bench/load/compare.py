@@ -9,7 +9,7 @@ least 90% of requests met the SLO. ``time_budget`` bounds the whole comparison: 
 equal share of what is left, so a slow target cannot eat the others' time.
 
 Every point keeps its requests' records (for the latency CDFs) and the server's own metrics over
-its load (server_metrics.py); the report adds PNG plots beside compare.json (plots.py).
+its load (traffic/server_metrics.py); the report adds PNG plots beside compare.json (plots.py).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from pdserve.bench.load.length_scaled import length_scaled_markdown
 from pdserve.bench.load.loadgen import LoadConfig, run_load
-from pdserve.bench.load.server_metrics import ServerMetricsRecorder, headline
 from pdserve.bench.load.slo import Calibration, calibrate
-from pdserve.bench.load.stats import ATTAINMENT_GOAL, SLO, max_rate_meeting_goal, summarize
 from pdserve.bench.load.targets import RunningTarget, Target
-from pdserve.bench.load.workloads import RequestSpec
+from pdserve.traffic.server_metrics import ServerMetricsRecorder, headline
+from pdserve.traffic.stats import ATTAINMENT_GOAL, SLO, max_rate_meeting_goal, summarize
+from pdserve.traffic.workloads import RequestSpec
 
 if TYPE_CHECKING:
     from pdserve.bench.load.plots import Plot

@@ -20,8 +20,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from pdserve.bench.load.records import RequestRecord
-from pdserve.bench.load.stats import (
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.stats import (
     ATTAINMENT_GOAL,
     SLO,
     LengthScaledSLO,

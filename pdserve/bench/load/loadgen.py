@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import httpx
 from tqdm import tqdm
 
-from pdserve.bench.load.arrivals import arrival_times
-from pdserve.bench.load.records import RequestRecord
-from pdserve.bench.load.workloads import RequestSpec
+from pdserve.traffic.arrivals import arrival_times
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.workloads import RequestSpec
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-from pdserve.bench.load.records import RequestRecord
-from pdserve.bench.load.stats import SLO, latencies
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.stats import SLO, latencies
 
 METRICS = (("ttft", "time to first token"), ("tpot", "time per output token"),
            ("itl", "inter-token latency"), ("e2e", "end-to-end latency"))

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pdserve.bench.load.records import RequestRecord
-from pdserve.bench.load.server_metrics import KV_USAGE_RATIO
-from pdserve.bench.load.stats import Distribution, Summary
+from pdserve.traffic.records import RequestRecord
+from pdserve.traffic.server_metrics import KV_USAGE_RATIO
+from pdserve.traffic.stats import Distribution, Summary
 
 if TYPE_CHECKING:
     from pdserve.bench.load.plots import Plot

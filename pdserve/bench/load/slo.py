@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from pdserve.bench.load.loadgen import LoadConfig, run_load
-from pdserve.bench.load.stats import SLO
-from pdserve.bench.load.workloads import RequestSpec, with_fresh_prompt
+from pdserve.traffic.stats import SLO
+from pdserve.traffic.workloads import RequestSpec, with_fresh_prompt
 
 FACTOR = 3.0
 

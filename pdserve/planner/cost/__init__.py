@@ -1,0 +1,2 @@
+"""What one engine step costs: the ``StepCostModel`` interface, the roofline, and one instance's
+steady-state capacity from either."""
