@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The committed comparison (benchmarks/results/comparison/): pdserve disaggregated, colocated and
 # replicas, and the peers that are installed, on this machine's two cores, in one run of at most
-# an hour. Nothing else may run on the machine meanwhile.
+# an hour. Nothing else may run on the machine meanwhile. Only the Markdown summaries are
+# committed: .gitignore keeps the per-request JSON, the plots and the logs out (CONTRIBUTING.md).
 #
 #   benchmarks/run_comparison.sh            # peers first: benchmarks/peers/install_*.sh
 #

@@ -8,6 +8,8 @@
 # profiles and judges each point against the spread of the repeats as well. About 14 minutes per
 # repeat and 5 for the profiles; nothing else may run (not even a linter: a calibration beside
 # other work is void). SKIP_CALIBRATION=1 validates with the profiles already there.
+# Committed: the profiles and the reports' validation.md; .gitignore keeps run-*/ (per-request
+# records) and validation.json out (CONTRIBUTING.md).
 #
 #   benchmarks/run_validation.sh            # REPEATS=3 into run-1/ run-2/ run-3/
 #   FIRST_RUN=2 REPEATS=3 benchmarks/run_validation.sh   # add run-2 and run-3 to an existing run-1
