@@ -23,19 +23,13 @@ import httpx
 import openai
 import pytest
 
+from pdserve.serving.serve import free_port
 from pdserve.serving.worker_pool import WorkerPool
 from pdserve.transfer.fault_proxy import Fault, FaultProxy
 
 SYSTEM = "You are a careful assistant who answers questions about geography in one short sentence. " * 4
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Process:

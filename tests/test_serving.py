@@ -27,6 +27,7 @@ from pdserve.bench.prompt_set import CHAT_MESSAGES, TEXT_PROMPTS
 from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.loader import Checkpoint
 from pdserve.serving.router import RouterConfig, create_router_app
+from pdserve.serving.serve import free_port
 
 WORKER_SECRET = "the workers' secret in these tests"
 WORKER_AUTH = {"Authorization": f"Bearer {WORKER_SECRET}"}
@@ -37,10 +38,6 @@ REFERENCE_TOKENS = 48  # the parity tests' length, so their cached references ar
 GREEDY = {"temperature": 0, "max_tokens": NEW_TOKENS, "extra_body": {"ignore_eos": True}}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def post_json(url: str, body: dict) -> httpx.Response:
@@ -361,7 +358,9 @@ def test_a_full_router_answers_429_with_retry_after(server: Server) -> None:
         stream.close()
         deadline = time.monotonic() + 10  # the slot frees once the abandoned stream is closed
         while True:
-            again = httpx.post(f"{router.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2})
+            again = httpx.post(
+                f"{router.url}/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2}
+            )
             if again.status_code == 200 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

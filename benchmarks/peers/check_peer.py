@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 import httpx
 from openai import OpenAI
 
+from pdserve.serving.serve import free_port
+
 PEERS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PEERS_DIR.parent.parent
 CHAT_PROMPT = "Write a long story about a dragon who learns to bake bread."
@@ -33,12 +34,6 @@ COMPLETION_PROMPT = "The capital of France is"
 
 def load_peers() -> dict[str, Any]:
     return json.loads((PEERS_DIR / "peers.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_peer(peer: dict[str, Any], port: int, cores: str, log_path: Path) -> subprocess.Popen[bytes]:

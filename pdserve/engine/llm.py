@@ -71,9 +71,7 @@ class LLM:
         return self.generate(prompts, params)
 
     def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # The template writes special tokens as text; do not add them a second time.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.chat_prompt_ids(messages)
 
     def prefill_only(
         self, prompt: Prompt, params: SamplingParams | None = None, kv_hook: KVHook | None = None

@@ -178,6 +178,12 @@ class Tokenizer:
         }
         return str(self._chat_template.render(**variables))
 
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """A chat's prompt as token ids: the template rendered, then encoded as it is."""
+        text = self.apply_chat_template(list(messages), add_generation_prompt=True)
+        # The template writes special tokens as text; do not add them a second time.
+        return self.encode(text, add_special_tokens=False)
+
     # ---- vocabulary facts ---------------------------------------------------------------------
 
     @property

@@ -177,10 +177,7 @@ class EngineService:
     def _prompt(self, message: dict[str, Any]) -> str | list[int]:
         """``prompt`` (text or token ids) or ``messages`` (chat, rendered with the model's template)."""
         if "messages" in message:
-            tokenizer = self.engine.tokenizer
-            text = tokenizer.apply_chat_template(message["messages"], add_generation_prompt=True)
-            # The template writes special tokens as text; do not add them a second time.
-            return tokenizer.encode(text, add_special_tokens=False)
+            return self.engine.tokenizer.chat_prompt_ids(message["messages"])
         prompt = message["prompt"]
         if not isinstance(prompt, str) and not (
             isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -153,7 +153,9 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "extra_forbidden":
             return error_response(f"{where} is not supported by this server", 400, where, "unsupported_parameter")
-        return error_response(f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", 400, where or None)
+        return error_response(
+            f"invalid request: {where or 'body'}: {first.get('msg', 'malformed')}", 400, where or None
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -195,7 +197,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         tenant = tenant_of(config.api_keys, request.headers.get("authorization"))
         messages = body.template_messages()
         await _check_model(app, body.model)
-        ids = await run_in_threadpool(_chat_ids, await _tokenizer(app), messages)
+        ids = await run_in_threadpool((await _tokenizer(app)).chat_prompt_ids, messages)
         return await _serve(app, config, request, body, ids, body.requested_max_tokens(), tenant, chat=True)
 
     @app.post("/v1/prefill")
@@ -206,7 +208,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
         await _check_model(app, body.model)
         tokenizer = await _tokenizer(app)
         if body.messages is not None:
-            ids = await run_in_threadpool(_chat_ids, tokenizer, body.template_messages())
+            ids = await run_in_threadpool(tokenizer.chat_prompt_ids, body.template_messages())
         else:
             prompt = body.single_prompt()
             ids = await run_in_threadpool(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
@@ -316,12 +318,6 @@ async def _tokenizer(app: FastAPI) -> Tokenizer:
     return app.state.tokenizer
 
 
-def _chat_ids(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
-    # The template writes special tokens as text; do not add them a second time.
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 def _max_tokens(app: FastAPI, config: RouterConfig, ids: list[int], requested: int | None) -> int:
     """Check the prompt's length; the output budget (default: the rest of the context)."""
     context = app.state.pool.max_model_len()
@@ -362,9 +358,11 @@ async def _serve(
     requested_max_tokens: int | None, tenant: str | None, chat: bool,
 ) -> Any:
     max_tokens = _max_tokens(app, config, ids, requested_max_tokens)
-    prepared = PreparedRequest(request.state.request_id, ids, body.sampling_params(max_tokens), tenant,
-                               redeem=_redeem(app, body, tenant),
-                               reserve_output_tokens=config.reserve_output_tokens if requested_max_tokens is None else None)
+    prepared = PreparedRequest(
+        request.state.request_id, ids, body.sampling_params(max_tokens), tenant,
+        redeem=_redeem(app, body, tenant),
+        reserve_output_tokens=config.reserve_output_tokens if requested_max_tokens is None else None,
+    )
     admission: Admission = app.state.admission
     queued = time.monotonic()
     await admission.acquire()  # released when the response is complete (or abandoned)
