@@ -68,7 +68,9 @@ def routed_pairs(layer: Linear) -> Iterator[RowRouted]:
         yield from routed_pairs(layer.large)
 
 
-def build_pairs(targets: list[LayerTarget], copies_for: Callable[[tuple[int, int]], int]) -> dict[tuple[str, str], Pair]:
+def build_pairs(
+    targets: list[LayerTarget], copies_for: Callable[[tuple[int, int]], int]
+) -> dict[tuple[str, str], Pair]:
     pairs: dict[tuple[str, str], Pair] = {}
     for target in targets:
         for weight_format in WEIGHT_FORMATS:

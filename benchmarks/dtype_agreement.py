@@ -110,7 +110,9 @@ def main() -> int:
         )
         agree = sum(a == b for a, b in zip(reference, tokens, strict=True)) / len(reference)
         forced_agree = sum(a == b for a, b in zip(reference, forced[candidate][number], strict=True)) / len(reference)
-        self_forced = sum(a == b for a, b in zip(reference, forced["float32/dense"][number], strict=True)) / len(reference)
+        self_forced = sum(
+            a == b for a, b in zip(reference, forced["float32/dense"][number], strict=True)
+        ) / len(reference)
         forced_shares.append(forced_agree)
         self_forced_shares.append(self_forced)
         rows.append({"prompt": number, "first_difference": first_difference, "positional_agreement": agree,
@@ -122,11 +124,14 @@ def main() -> int:
     prefix = [r["first_difference"] if r["first_difference"] is not None else NEW_TOKENS for r in rows]
     print(
         f"{candidate} vs float32/dense: {identical}/{len(rows)} prompts identical over {NEW_TOKENS} tokens; "
-        f"median identical prefix {statistics.median(prefix)} tokens; teacher-forced next-token agreement "
-        f"{statistics.mean(forced_shares):.1%} (the reference against itself: {statistics.mean(self_forced_shares):.1%})"
+        f"median identical prefix {statistics.median(prefix)} tokens; "
+        f"teacher-forced next-token agreement {statistics.mean(forced_shares):.1%} "
+        f"(the reference against itself: {statistics.mean(self_forced_shares):.1%})"
     )
     if args.output:
-        Path(args.output).write_text(json.dumps({"candidate": candidate, "new_tokens": NEW_TOKENS, "prompts": rows}, indent=1))
+        Path(args.output).write_text(
+            json.dumps({"candidate": candidate, "new_tokens": NEW_TOKENS, "prompts": rows}, indent=1)
+        )
     return 0
 
 

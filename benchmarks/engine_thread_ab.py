@@ -43,7 +43,9 @@ def _child(arm: str, threads: int, prefills: int, decode_steps: int) -> dict[str
 
     def timed_steps(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, skip_prefill: bool) -> list[float]:
         for index, prompt in enumerate(prompts):
-            engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), f"r{time.monotonic_ns()}-{index}")
+            engine.add_request(
+                prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), f"r{time.monotonic_ns()}-{index}"
+            )
         times = []
         while engine.has_unfinished_requests():
             prefilling = bool(engine.scheduler.waiting) or any(s.is_prefilling for s in engine.scheduler.running)

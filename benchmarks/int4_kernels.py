@@ -105,13 +105,18 @@ def compare_engines(args: argparse.Namespace) -> None:
     engines = {"torch int4": build(False), "native int4": build(True)}
     prompt = [(i * 7) % 1000 + 100 for i in range(512)]
     steps = 30
-    print(f"{args.weight_format}, {args.threads} threads, decode step ms (median / p90), {args.rounds} rounds of {steps}")
+    print(
+        f"{args.weight_format}, {args.threads} threads, decode step ms (median / p90), "
+        f"{args.rounds} rounds of {steps}"
+    )
     for batch in args.batches:
         times: dict[str, list[float]] = {name: [] for name in engines}
         for _ in range(args.rounds):
             for name, engine in engines.items():
                 for row in range(batch):
-                    engine.add_request([t + row for t in prompt], SamplingParams(max_tokens=2 * batch + steps + 16, ignore_eos=True))
+                    engine.add_request(
+                        [t + row for t in prompt], SamplingParams(max_tokens=2 * batch + steps + 16, ignore_eos=True)
+                    )
                 while engine.scheduler.waiting or any(s.is_prefilling for s in engine.scheduler.running):
                     engine.step()
                 for _ in range(3):

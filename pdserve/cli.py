@@ -69,7 +69,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Generate a completion for PROMPT with the in-process engine and print it.",
     )
     generate.add_argument("prompt", help="the prompt text")
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template as a user message")
+    generate.add_argument("--chat", action="store_true",
+                          help="wrap the prompt in the model's chat template as a user message")
     generate.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -163,7 +164,8 @@ def _build_parser() -> argparse.ArgumentParser:
     report = bench_commands.add_parser(
         "report", help="re-render a load run's or a comparison's Markdown report and plots from its JSON")
     report.add_argument("run", type=Path,
-                        help="a RUN.json written by `pdserve bench serve`, or a compare.json by `pdserve bench compare`")
+                        help="a RUN.json written by `pdserve bench serve`, "
+                        "or a compare.json by `pdserve bench compare`")
     transfer_bench.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
     from pdserve.planner.plan.command import add_plan_arguments
 

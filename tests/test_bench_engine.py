@@ -81,7 +81,8 @@ def test_table_renders_without_hf() -> None:
     report: dict[str, Any] = {
         "plan": plan.__dict__,
         "pdserve": {
-            "model_name": "m", "other_cpu_percent": 25.0, "dtype": "auto", "weight_dtype": "float32", "load_seconds": 1.0,
+            "model_name": "m", "other_cpu_percent": 25.0, "dtype": "auto",
+            "weight_dtype": "float32", "load_seconds": 1.0,
             "prefill": [{"prompt_tokens": 512, "tokens_per_second": 500.0, "median_seconds": 1.02}],
             "decode": [decode, {**decode, "batch_size": 8}],
             "memory": {"run_peak_rss_bytes": 2**30, "load_peak_rss_bytes": 2**30, "kv_pool_bytes": 2**28},
@@ -92,7 +93,8 @@ def test_table_renders_without_hf() -> None:
         "targets": {name: {"met": None} for name in
                     ("decode_batch1_tokens_per_second", "decode_batch32_vs_hf", "prefill_2048_vs_hf_bfloat16")},
         "decode_floor": {"pdserve": {"batch1_tokens_per_second_ceiling": 20.0, "weight_bytes": 5e8}},
-        "machine": {"cpu_model": "cpu", "num_usable_cores": 2, "cpu_flags": [], "torch": "t", "cpu_busy_percent_start": 50.0},
+        "machine": {"cpu_model": "cpu", "num_usable_cores": 2, "cpu_flags": [], "torch": "t",
+                    "cpu_busy_percent_start": 50.0},
         "bandwidth": {"bytes_per_second": 1e10},
     }  # fmt: skip
     lines = format_table(report).splitlines()

@@ -308,7 +308,9 @@ def test_blocks_return_after_any_mix_of_requests(llm: LLM, stream: list[tuple[in
     actions = {}
     for number, (length, max_tokens, n, action) in enumerate(stream):
         prompt = [(number * 31 + i) % 500 + 100 for i in range(length)]
-        request_id = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, seed=number))
+        request_id = engine.add_request(
+            prompt, SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, seed=number)
+        )
         actions[request_id] = action
     for step in range(200):
         if step in (1, 4):
@@ -340,7 +342,10 @@ def test_quantized_weights_generate_the_same_answer(checkpoint: Checkpoint, weig
         assert model.lm_head.kernel(1) == "native-int8"
     # A 40-token prompt: its prefill runs dense (torch's int4 kernel) or the native int4 kernel
     # (below its float32 crossover); decoding through the kernel.
-    prompt = "Question: which city is the capital of France, and which river flows through it? Answer: The capital of France is"
+    prompt = (
+        "Question: which city is the capital of France, and which river flows through it? "
+        "Answer: The capital of France is"
+    )
     (output,) = llm.generate(prompt, SamplingParams(max_tokens=4))
     llm.close()
     assert output.outputs[0].text.startswith(" Paris")

@@ -155,7 +155,9 @@ def test_the_loop_streams_an_imports_first_token_before_its_next_step(pair: tupl
     assert prefilled.held_kv is not None
     header = prefilled.held_kv.header
     delivered: list[tuple[str, int, int]] = []  # (request, tokens so far, steps run when delivered)
-    loop = EngineLoop(lambda: engine, lambda o: delivered.append((o.request_id, len(o.outputs[0].token_ids), steps_run())))
+    loop = EngineLoop(
+        lambda: engine, lambda o: delivered.append((o.request_id, len(o.outputs[0].token_ids), steps_run()))
+    )
     loop.start()
     try:
         # Another request keeps the loop stepping, as a busy decode worker's would.

@@ -121,7 +121,9 @@ def test_pipelined_transfer_lands_layers_while_the_prefill_runs(
     runner.write_kv = observed_write  # type: ignore[method-assign]
     try:
         prefill(sender, "pipelined", prompt, pipelined=True)
-        receiver.generate("pipelined", prompt, PARAMS, kv={"mode": "pull", "address": sender.kv_address, "on_failure": "fail"})
+        receiver.generate(
+            "pipelined", prompt, PARAMS, kv={"mode": "pull", "address": sender.kv_address, "on_failure": "fail"}
+        )
         (prefilled,) = sender.wait_finished("pipelined")
         events = receiver.wait_finished("pipelined")
     finally:
@@ -133,7 +135,9 @@ def test_pipelined_transfer_lands_layers_while_the_prefill_runs(
 
 
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "fp8"])
-def test_every_codec_transfers_and_decodes(sender: Worker, receiver: Worker, local_tokens: list[int], codec: str) -> None:
+def test_every_codec_transfers_and_decodes(
+    sender: Worker, receiver: Worker, local_tokens: list[int], codec: str
+) -> None:
     prefill(sender, f"codec-{codec}")
     events = pull(receiver, f"codec-{codec}", sender.kv_address, codec=codec, on_failure="fail")
     assert events[0]["event"] == "kv_received"
@@ -156,7 +160,9 @@ def test_incompatible_kv_is_rejected_naming_the_field(checkpoint: Checkpoint, se
         other.close()
 
 
-def test_unclaimed_kv_is_freed_when_its_lease_expires(sender: Worker, receiver: Worker, local_tokens: list[int]) -> None:
+def test_unclaimed_kv_is_freed_when_its_lease_expires(
+    sender: Worker, receiver: Worker, local_tokens: list[int]
+) -> None:
     prefill(sender, "unclaimed")
     assert sender.debug()["num_held_kv"] == 1
     state = sender.wait_idle(timeout=FAST_FAIL.lease_ttl + 3)

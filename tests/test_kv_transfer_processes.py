@@ -91,12 +91,18 @@ def run_disaggregated(
     for request_id, prompt in zip(ids, prompts, strict=True):
         prefill.generate(request_id, prompt, params, kv={"mode": "offer", "pipelined": pipelined})
         if pipelined:  # the decode side connects while the prefill still runs
-            decode.generate(request_id, prompt, params, kv={"mode": "pull", "address": prefill.kv_address, "on_failure": "fail", **kv})
+            decode.generate(
+                request_id, prompt, params,
+                kv={"mode": "pull", "address": prefill.kv_address, "on_failure": "fail", **kv},
+            )
     for request_id, prompt in zip(ids, prompts, strict=True):
         (prefilled,) = prefill.wait_finished(request_id)
         assert prefilled["event"] == "prefilled", prefilled
         if not pipelined:
-            decode.generate(request_id, prompt, params, kv={"mode": "pull", "address": prefilled["kv_address"], "on_failure": "fail", **kv})
+            decode.generate(
+                request_id, prompt, params,
+                kv={"mode": "pull", "address": prefilled["kv_address"], "on_failure": "fail", **kv},
+            )
     results = []
     for request_id in ids:
         events = decode.wait_finished(request_id)
@@ -137,7 +143,10 @@ def test_receiver_killed_mid_transfer_frees_the_sender(
         proxy.set_fault(Fault.rate(2_000_000, direction=Direction.SERVER_TO_CLIENT))
         prefill.generate("victim-receiver", prompts[-1], {"max_tokens": 4}, kv={"mode": "offer"})
         prefill.wait_finished("victim-receiver")
-        doomed.generate("victim-receiver", prompts[-1], {"max_tokens": 4}, kv={"mode": "pull", "address": f"{proxy.address[0]}:{proxy.address[1]}"})
+        doomed.generate(
+            "victim-receiver", prompts[-1], {"max_tokens": 4},
+            kv={"mode": "pull", "address": f"{proxy.address[0]}:{proxy.address[1]}"},
+        )
         time.sleep(1.0)
         assert prefill.debug()["num_held_kv"] == 1, "the transfer should still be running"
         doomed.kill()
@@ -161,7 +170,9 @@ def test_sender_killed_mid_transfer_degrades_to_recompute(
     try:
         with FaultProxy((host, int(port))) as proxy:
             proxy.set_fault(Fault.rate(2_000_000, direction=Direction.SERVER_TO_CLIENT))
-            doomed.generate("victim-sender", prompt, {"max_tokens": NEW_TOKENS, "ignore_eos": True}, kv={"mode": "offer"})
+            doomed.generate(
+                "victim-sender", prompt, {"max_tokens": NEW_TOKENS, "ignore_eos": True}, kv={"mode": "offer"}
+            )
             doomed.wait_finished("victim-sender")
             decode.generate(
                 "victim-sender", prompt, {"max_tokens": NEW_TOKENS, "ignore_eos": True},

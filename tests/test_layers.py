@@ -96,8 +96,10 @@ def test_the_crossover_script_writes_this_levels_section(tmp_path: Path) -> None
     # Every pair the builder routes here for float32 models was measured, with its rows.
     native = load_native_kernels()
     routed = [pair for kernels in (native, None) for weight_format in WEIGHT_FORMATS
-              for layer in (build_linear(seeded_randn(64, 128), weight_format, LayerTarget(torch.float32, CPU, kernels)),
-                            build_lm_head(seeded_randn(64, 128), weight_format, LayerTarget(torch.float32, CPU, kernels)).layer)
+              for layer in (
+                  build_linear(seeded_randn(64, 128), weight_format, LayerTarget(torch.float32, CPU, kernels)),
+                  build_lm_head(seeded_randn(64, 128), weight_format, LayerTarget(torch.float32, CPU, kernels)).layer,
+              )
               for pair in _routed(layer)]
     assert routed
     for pair in routed:

@@ -251,7 +251,8 @@ def test_seed_example_disaggregation_does_not_pay_at_catalogue_prices() -> None:
     check = check_fleet(best_colocated, 100.0, options, workload, goal, engine, SimSettings(num_requests=560))
     assert check.meets, check.reasons
     cheapest_disaggregated_start = min(
-        math.ceil(100 / p.prefill_rate) * p.instance.usd_per_hour + math.ceil(100 / d.decode_rate) * d.instance.usd_per_hour
+        math.ceil(100 / p.prefill_rate) * p.instance.usd_per_hour
+        + math.ceil(100 / d.decode_rate) * d.instance.usd_per_hour
         for p in screening.options for d in screening.options
         if p.prefill_rate is not None and d.decode_rate is not None)
     assert cheapest_disaggregated_start > best_colocated.usd_per_hour  # 14.44 > 12.49

@@ -95,7 +95,11 @@ def format_report(bandwidth: list[BandwidthRow], shares: list[PrefillShareRow], 
             f"| {payload / (1 << 20):.0f} MB | " + " | ".join(cells)
             + f" | {shm_ratio:.0%}{shm_mark} | {tcp_ratio:.0%}{tcp_mark} |"
         )
-    lines += ["", f"Targets: shm >= {SHM_TARGET:.0%} of memcpy from 16 MB; tcp >= {TCP_TARGET:.0%} of a raw socket.", ""]
+    lines += [
+        "",
+        f"Targets: shm >= {SHM_TARGET:.0%} of memcpy from 16 MB; tcp >= {TCP_TARGET:.0%} of a raw socket.",
+        "",
+    ]
     lines.append("Transfer time visible after the prefill (two workers on this machine's cores)")
     lines.append("")
     lines.append("| prompt | backend | pipelined | KV | prefill | visible transfer | share of prefill |")
@@ -103,7 +107,8 @@ def format_report(bandwidth: list[BandwidthRow], shares: list[PrefillShareRow], 
     for r in shares:
         lines.append(
             f"| {r.prompt_tokens} | {r.backend} | {'yes' if r.pipelined else 'no'} | {r.kv_bytes / 1e6:.1f} MB "
-            f"| {r.prefill_seconds * 1e3:.0f} ms | {r.visible_transfer_seconds * 1e3:.1f} ms | {r.share_of_prefill:.1%} |"
+            f"| {r.prefill_seconds * 1e3:.0f} ms | {r.visible_transfer_seconds * 1e3:.1f} ms "
+            f"| {r.share_of_prefill:.1%} |"
         )
     if link is not None:
         verdict = "met" if link.pipelined_fraction <= PIPELINE_TARGET else "not met"
@@ -112,9 +117,10 @@ def format_report(bandwidth: list[BandwidthRow], shares: list[PrefillShareRow], 
             "",
             f"Shaped link (veth + tc tbf at {link.rate_mbit:.0f} Mbit/s, {link.prompt_tokens}-token prompt, "
             f"{link.kv_bytes / 1e6:.1f} MB of KV, one core per process):",
-            f"- prefill alone {link.prefill_seconds:.2f} s; unpipelined transfer visible {link.unpipelined_visible_seconds:.2f} s",
-            f"- pipelined: {link.pipelined_visible_seconds:.3f} s visible = {link.pipelined_fraction:.1%} of unpipelined "
-            f"(target <= {PIPELINE_TARGET:.0%}: {verdict}); prefill while sending {link.pipelined_prefill_seconds:.2f} s "
-            f"({slowdown:+.1%})",
+            f"- prefill alone {link.prefill_seconds:.2f} s; "
+            f"unpipelined transfer visible {link.unpipelined_visible_seconds:.2f} s",
+            f"- pipelined: {link.pipelined_visible_seconds:.3f} s visible = {link.pipelined_fraction:.1%} of "
+            f"unpipelined (target <= {PIPELINE_TARGET:.0%}: {verdict}); prefill while sending "
+            f"{link.pipelined_prefill_seconds:.2f} s ({slowdown:+.1%})",
         ]
     return "\n".join(lines)

@@ -132,7 +132,8 @@ def measure_link(
                 visible, prefill_time = _transfer(sender, receiver, f"piped-{rep}", prompt(), pipelined=True)
                 pipelined.append(visible)
                 pipelined_prefill.append(prefill_time)
-                log(f"link: repetition {rep + 1}: unpipelined {unpipelined[-1]:.2f} s, pipelined {visible:.2f} s visible")
+                log(f"link: repetition {rep + 1}: unpipelined {unpipelined[-1]:.2f} s, "
+                    f"pipelined {visible:.2f} s visible")
         finally:
             sender.stop()
             receiver.stop()

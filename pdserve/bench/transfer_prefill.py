@@ -66,7 +66,9 @@ def measure_prefill_share(
                     for rep in range(repeats + 1):  # the first is a warm-up
                         prompt = [rng.randrange(_MIN_TOKEN_ID, vocab) for _ in range(length)]
                         request_id = f"{length}-{backend}-{pipelined}-{rep}"
-                        prefill, transfer_time, kv_bytes = _one(sender, receiver, request_id, prompt, backend, pipelined)
+                        prefill, transfer_time, kv_bytes = _one(
+                            sender, receiver, request_id, prompt, backend, pipelined
+                        )
                         if rep:
                             prefill_times.append(prefill)
                             visible.append(transfer_time)

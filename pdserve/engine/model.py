@@ -163,7 +163,8 @@ class LlamaModel:
         self.max_positions = max_positions
         # What runs and why, once at start: a slow machine should say why it is slow.
         kernels = kernels_line(self.native) if self.native is not None else (
-            f"torch path (attention={attention}" + (": no vectorized kernel level here)" if attention == "auto" else ")"))
+            f"torch path (attention={attention}"
+            + (": no vectorized kernel level here)" if attention == "auto" else ")"))
         log.info("model on %s: dtype %s, weight format %s; native kernels: %s; projections like %r",
                  cpu_features().describe() if device.type == "cpu" else device, str(dtype).removeprefix("torch."),
                  weight_format, kernels, self.layers[0].gate_up if self.layers else None)

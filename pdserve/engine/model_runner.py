@@ -104,7 +104,9 @@ class ModelRunner:
             offsets = torch.arange(max_blocks * self.block_size)
             lengths = torch.tensor([c.context_length for c in decodes])
             decode_mask = (offsets[None, :] < lengths[:, None])[:, None, None, :]
-            decode_blocks, decode_mask, decode_lengths = decode_blocks.to(device), decode_mask.to(device), lengths.to(device)
+            decode_blocks, decode_mask, decode_lengths = (
+                decode_blocks.to(device), decode_mask.to(device), lengths.to(device)
+            )
 
         prefills: list[PrefillSpan] = []
         row = len(decodes)

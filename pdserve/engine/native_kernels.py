@@ -268,9 +268,9 @@ def compile_check(source: str, isa: str, compiler: str | None = None) -> str | N
     from torch.utils.cpp_extension import include_paths
 
     flags = BASE_CFLAGS + ISA_LEVELS[isa].cflags + tuple(flag for _, flag in ISA_LEVELS[isa].optional)
-    command = [compiler or os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-DTORCH_API_INCLUDE_EXTENSION_H",
-               f"-DPDSERVE_OPS=pdserve_{isa}", *flags, *(f"-isystem{path}" for path in include_paths()),
-               str(NATIVE_DIRECTORY / f"{source}.cpp")]
+    command = [compiler or os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only",
+               "-DTORCH_API_INCLUDE_EXTENSION_H", f"-DPDSERVE_OPS=pdserve_{isa}", *flags,
+               *(f"-isystem{path}" for path in include_paths()), str(NATIVE_DIRECTORY / f"{source}.cpp")]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode == 0:
         return None

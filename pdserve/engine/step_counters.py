@@ -60,7 +60,9 @@ class StepCounters:
             else:
                 work.prefill_tokens += chunk.num_tokens
                 # Query at position p attends to p + 1 positions: sum over p in [start, end).
-                work.prefill_attention_pairs += (end * (end + 1) - chunk.start_position * (chunk.start_position + 1)) // 2
+                work.prefill_attention_pairs += (
+                    end * (end + 1) - chunk.start_position * (chunk.start_position + 1)
+                ) // 2
         if not (work.prefill_tokens or work.decode_tokens):
             return
         kind = "mixed" if work.prefill_tokens and work.decode_tokens else (

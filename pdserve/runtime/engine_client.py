@@ -213,6 +213,10 @@ def _read_ready_line(process: subprocess.Popen[str], stdout: IO[str], timeout: f
             if line.startswith(READY_PREFIX):
                 return dict(json.loads(line[len(READY_PREFIX) :]))
             if line == "" and process.poll() is not None:
-                raise EngineProcessError(f"the engine process ended ({describe_exit(process.returncode)}) before it was ready")
+                raise EngineProcessError(
+                    f"the engine process ended ({describe_exit(process.returncode)}) before it was ready"
+                )
         elif process.poll() is not None:
-            raise EngineProcessError(f"the engine process ended ({describe_exit(process.returncode)}) before it was ready")
+            raise EngineProcessError(
+                f"the engine process ended ({describe_exit(process.returncode)}) before it was ready"
+            )

@@ -41,7 +41,9 @@ class EngineProcessConfig:
     control_host: str = "127.0.0.1"
 
     def to_json(self) -> str:
-        return json.dumps({"engine": self.engine.to_dict(), "transfer": asdict(self.transfer), "control_host": self.control_host})
+        return json.dumps(
+            {"engine": self.engine.to_dict(), "transfer": asdict(self.transfer), "control_host": self.control_host}
+        )
 
     @classmethod
     def from_json(cls, text: str) -> EngineProcessConfig:

@@ -39,7 +39,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         "loopback (default: $PDSERVE_INTERNAL_SECRET)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds to let running requests finish before exiting")
-    parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies (used by serve)")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="exit when the parent process dies (used by serve)")
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser) -> None:

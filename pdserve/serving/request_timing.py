@@ -71,4 +71,6 @@ class RequestTiming:
         now = self.clock()
         self.histograms.request_seconds.observe(now - self.started)
         if self.first_token_at is not None and self.last_token_at is not None and self.tokens > 1:
-            self.histograms.time_per_output_token.observe((self.last_token_at - self.first_token_at) / (self.tokens - 1))
+            self.histograms.time_per_output_token.observe(
+                (self.last_token_at - self.first_token_at) / (self.tokens - 1)
+            )

@@ -86,7 +86,8 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         app = create_router_app(config)
         base = f"http://{args.host}:{args.port}"
-        log(f"ready in {time.monotonic() - started:.1f} s: {base}/v1 ({'colocated' if args.colocated else 'disaggregated'})")
+        log(f"ready in {time.monotonic() - started:.1f} s: {base}/v1 "
+            f"({'colocated' if args.colocated else 'disaggregated'})")
         print(_usage(base, config.api_keys[0].key if config.api_keys else None), file=sys.stderr, flush=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _exit_cleanly)

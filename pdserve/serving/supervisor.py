@@ -86,7 +86,9 @@ class ProcessGroup:
         while pending:
             for member in list(pending):
                 if member.process.poll() is not None:
-                    raise RuntimeError(f"{member.name} ended ({describe_exit(member.process.returncode)}) while starting")
+                    raise RuntimeError(
+                        f"{member.name} ended ({describe_exit(member.process.returncode)}) while starting"
+                    )
                 try:
                     challenge, headers = identity_challenge()
                     response = httpx.get(f"{member.url}/health", timeout=1.0, headers=headers)

@@ -82,7 +82,10 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
             events = hub.subscribe(request_id)
         except ValueError as error:
             return error_response(str(error), 409)
-        message = {"op": "generate", **{k: body[k] for k in ("request_id", "prompt", "messages", "params", "kv", "cache_salt") if k in body}}
+        message = {
+            "op": "generate",
+            **{k: body[k] for k in ("request_id", "prompt", "messages", "params", "kv", "cache_salt") if k in body},
+        }
         try:
             await run_in_threadpool(service.handle, _CLIENT, message)
         except (ValueError, TypeError, KeyError) as error:
@@ -102,7 +105,9 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
         busy = service.loop.busy_seconds()
         if not service.loop.alive or busy > wedged_after:
             # The router stops sending here; the requests in flight time out at their clients.
-            why = "its engine loop has stopped" if not service.loop.alive else f"its engine loop is stuck ({busy:.0f} s)"
+            why = (
+                "its engine loop has stopped" if not service.loop.alive else f"its engine loop is stuck ({busy:.0f} s)"
+            )
             return error_response(f"worker unhealthy: {why}", 503)
         challenge = request.headers.get(CHALLENGE_HEADER)
         proof = {PROOF_HEADER: prove_identity(internal_secret, challenge)} if internal_secret and challenge else None

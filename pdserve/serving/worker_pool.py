@@ -190,7 +190,8 @@ class WorkerPool:
         """The most positions one sequence can hold on the smallest decoding worker's KV pool, or
         None before any reported its load."""
         sizes = [int(w.load["num_blocks"]) * int(w.load["block_size"]) for w in self.workers
-                 if w.healthy and w.role in ("decode", "both") and w.load.get("num_blocks") and w.load.get("block_size")]
+                 if w.healthy and w.role in ("decode", "both")
+                 and w.load.get("num_blocks") and w.load.get("block_size")]
         return min(sizes) if sizes else None
 
     def block_size(self) -> int:

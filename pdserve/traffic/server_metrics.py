@@ -139,7 +139,9 @@ def source_delta(before: Snapshot, after: Snapshot, samples: Iterable[Snapshot] 
     ended = sum(v for k, v in delta.counters.items() if k.startswith("pdserve_worker_requests_total"))
     if ended > 0:
         section["per_request"] = {
-            f"{phase}_seconds": delta.counters.get(f'pdserve_worker_phase_seconds_total{{phase="{phase}"}}', 0.0) / ended
+            f"{phase}_seconds": (
+                delta.counters.get(f'pdserve_worker_phase_seconds_total{{phase="{phase}"}}', 0.0) / ended
+            )
             for phase in ("prefill", "decode")}
     return section
 

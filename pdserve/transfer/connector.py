@@ -197,7 +197,9 @@ class KVConnector(ABC):
         except Exception as error:
             # Whatever a peer's bytes make go wrong (a field of the wrong type, KV that does not
             # fit its shape) fails this pull alone; the request then recomputes.
-            failure = TransferError(FailureReason.PROTOCOL, f"unusable data from the sender: {type(error).__name__}: {error}")
+            failure = TransferError(
+                FailureReason.PROTOCOL, f"unusable data from the sender: {type(error).__name__}: {error}"
+            )
             self._fail(sock, target, reserved, failure)
             raise failure from None
         finally:

@@ -278,7 +278,9 @@ class KVServer:
             layers = [layer for layer in range(num_layers) if sent_upto[layer] == start]
             if start >= num_tokens:
                 continue
-            for layer, kv in zip(layers, self.source.read_layers(offer.held.block_table, start, num_tokens, layers), strict=True):
+            for layer, kv in zip(
+                layers, self.source.read_layers(offer.held.block_table, start, num_tokens, layers), strict=True
+            ):
                 num_bytes += self._send_layer(sock, codec, layer, start, kv, deadline)
                 _raise_if_ended(offer)  # withdrawn: what was read may be stale, so never say DONE
         send_frame(sock, Kind.DONE, _done_meta(offer), deadline=deadline)

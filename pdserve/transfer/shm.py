@@ -56,12 +56,16 @@ class ShmConnector(KVConnector):
             raise TransferError(FailureReason.PROTOCOL, "block tables shorter than the KV they should hold")
         shm_name, sender_pid = str(frame.meta["shm_name"]), int(frame.meta["pid"])
         if segment_owner(shm_name) != sender_pid:
-            raise TransferError(FailureReason.PROTOCOL, f"{shm_name!r} is not a KV pool of the sender (pid {sender_pid})")
+            raise TransferError(
+                FailureReason.PROTOCOL, f"{shm_name!r} is not a KV pool of the sender (pid {sender_pid})"
+            )
         with self._peer_pools.borrow(shm_name, sender_pid) as source_pool:
             if not all(0 <= block < source_pool.shape[2] for block in source_table[:num_blocks]):
                 raise TransferError(FailureReason.PROTOCOL, "sender block id outside its pool")
             destination = target.pool
-            for source_start, destination_start, length in block_runs(source_table[:num_blocks], block_table[:num_blocks]):
+            for source_start, destination_start, length in block_runs(
+                source_table[:num_blocks], block_table[:num_blocks]
+            ):
                 destination[:, :, destination_start : destination_start + length].copy_(
                     source_pool[:, :, source_start : source_start + length]
                 )

@@ -37,7 +37,9 @@ class TcpConnector(KVConnector):
         while min(received_upto) < header.num_tokens:
             frame = expect(recv_frame_skipping_waits(sock, deadline), Kind.LAYER)
             layer, start, end = int(frame.meta["layer"]), int(frame.meta["start"]), int(frame.meta["end"])
-            if not (0 <= layer < layout.num_layers and start <= received_upto[layer] and start < end <= header.num_tokens):
+            if not (
+                0 <= layer < layout.num_layers and start <= received_upto[layer] and start < end <= header.num_tokens
+            ):
                 raise TransferError(
                     FailureReason.PROTOCOL,
                     f"layer frame out of order: layer {layer}, positions [{start}, {end}) "

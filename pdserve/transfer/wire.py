@@ -8,8 +8,9 @@ Every message is one frame::
 travels in ``meta["xxh3"]`` so that corruption anywhere on the path is caught before the bytes
 reach a KV cache. (XXH3 rather than crc32: it hashes at ~12 GB/s here against ~2.5 GB/s, which
 would otherwise cap a transfer below the socket's own speed; it detects accidental corruption
-as well — authenticity is the shared secret's job, not the checksum's.) Sizes are bounded so that a corrupted length can never make a peer allocate or wait
-for gigabytes. Every receive honours a deadline: nobody waits forever.
+as well — authenticity is the shared secret's job, not the checksum's.) Sizes are bounded so
+that a corrupted length can never make a peer allocate or wait for gigabytes. Every receive
+honours a deadline: nobody waits forever.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         print("calibrating the SLOs: the median prompt and one decode, each alone...", file=sys.stderr)
         calibration = asyncio.run(calibrate(config, specs))
         slo = calibration.slo
-        run["slo_basis"] = (f"{FACTOR:g}x the unloaded TTFT of the median prompt ({calibration.isolated_ttft * 1000:.0f} ms) "
+        run["slo_basis"] = (f"{FACTOR:g}x the unloaded TTFT of the median prompt "
+                            f"({calibration.isolated_ttft * 1000:.0f} ms) "
                             f"and {FACTOR:g}x the unloaded TPOT ({calibration.isolated_tpot * 1000:.1f} ms)")
         run["calibration"] = asdict(calibration)
     how = f"{args.rate:g} req/s" if args.rate is not None else f"{config.concurrency} concurrent"
@@ -145,7 +146,8 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --workload fixed: every prompt IN tokens, every answer OUT tokens")
     parser.add_argument("--targets", default="colocated,disaggregated,replicas",
                         help="comma-separated, the first also fixes the SLOs (default: %(default)s); known: "
-                        "colocated, disaggregated, replicas, colocated-1core (pdserve); vllm-cpu, vllm-cpu-2core, llama-cpp "
+                        "colocated, disaggregated, replicas, colocated-1core (pdserve); "
+                        "vllm-cpu, vllm-cpu-2core, llama-cpp "
                         "(peers: install them first with benchmarks/peers/install_*.sh)")
     parser.add_argument("--rates", default="0.25,0.5,1,2", help="request rates to sweep (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=60.0,

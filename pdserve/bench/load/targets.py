@@ -6,8 +6,8 @@ one core each), colocated (one worker on every core), replicas (one colocated wo
 behind the router) and colocated on one core. Peers run their ``benchmarks/peers/serve_*.sh``
 script (installed beforehand by its ``install_*.sh``; never in CI) on the cores named here, so
 every comparison is at equal cores: vLLM's CPU build on one core beside pdserve on one core, or on
-two, as vLLM binds two cores itself, beside pdserve's two-core targets; llama.cpp's server on two. A peer that is not installed, or
-fails to start, is reported with the reason, not dropped.
+two, as vLLM binds two cores itself, beside pdserve's two-core targets; llama.cpp's server on two.
+A peer that is not installed, or fails to start, is reported with the reason, not dropped.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ class RunningTarget:
             if self.process.poll() is not None:
                 self._log.close()
                 tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
-                raise RuntimeError(f"{target.name} ended ({describe_exit(self.process.returncode)}): {tail} (log: {log_path})")
+                raise RuntimeError(
+                    f"{target.name} ended ({describe_exit(self.process.returncode)}): {tail} (log: {log_path})"
+                )
             try:
                 if httpx.get(f"{self.url}{target.ready_path}", timeout=1).status_code == 200:
                     return

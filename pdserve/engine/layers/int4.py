@@ -83,7 +83,9 @@ class Int4Linear:
         if native.int4_linear is None:
             raise ValueError("Int4Linear needs the native int4_linear kernel, which did not build here")
         if weight.dim() != 2 or not weight.is_floating_point() or weight.device.type != "cpu":
-            raise ValueError(f"weight must be a 2-D float CPU tensor [out, in], got {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must be a 2-D float CPU tensor [out, in], got {weight.dtype} {tuple(weight.shape)}"
+            )
         self.out_features, self.in_features = weight.shape
         q, scales, mins = quantize_int4(weight, GROUP_SIZE)
         self.packed = pack_int4(q, scales, mins)

@@ -127,7 +127,8 @@ def profile_summary(profile: StepProfile) -> str:
     roof = profile.roofline
     if roof is not None:
         lines.append(
-            f"  roofline fit: peaks {roof.peak_flops_per_s / 1e9:.1f} GFLOP/s, {roof.memory_bytes_per_s / 1e9:.1f} GB/s;"
+            f"  roofline fit: peaks {roof.peak_flops_per_s / 1e9:.1f} GFLOP/s, "
+            f"{roof.memory_bytes_per_s / 1e9:.1f} GB/s;"
             f" efficiency compute {roof.compute:.3f}, bandwidth {roof.bandwidth:.3f}, overhead "
             f"{roof.step_overhead_s * 1e3:.2f} ms; R^2 {roof.fit.r_squared:.4f}, relative error mean "
             f"{roof.fit.mean_relative_error:.1%}, max {roof.fit.max_relative_error:.1%}")

@@ -100,7 +100,11 @@ def run(cores: list[int], model: str | None, dtype: str, batch: int, max_seconds
             engine.add_request([(added * 31 + i * 7) % 30000 + 100 for i in range(512)], params, f"neighbour-{added}")
             added += 1
         engine.step()
-        if not announced and not engine.scheduler.waiting and not any(s.is_prefilling for s in engine.scheduler.running):
+        if (
+            not announced
+            and not engine.scheduler.waiting
+            and not any(s.is_prefilling for s in engine.scheduler.running)
+        ):
             print(READY, flush=True)
             announced = True
     engine.close()

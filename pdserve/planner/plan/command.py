@@ -78,7 +78,9 @@ def run_plan(args: argparse.Namespace) -> int:
     model = models[resolve_name(args.model, models, "model")]
     hardware = load_hardware_catalogue(args.hardware_file)
     if args.hardware:
-        names = [resolve_name(name.strip(), hardware, "accelerator") for name in args.hardware.split(",") if name.strip()]
+        names = [
+            resolve_name(name.strip(), hardware, "accelerator") for name in args.hardware.split(",") if name.strip()
+        ]
         accelerators = [hardware[name] for name in dict.fromkeys(names)]
     else:
         accelerators = [a for a in hardware.values() if a.price is not None]

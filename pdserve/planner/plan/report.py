@@ -110,8 +110,8 @@ def verdict(plan: Plan) -> str:
 def impossible_message(plan: Plan) -> str:
     """Why nothing met the goal: the closest fleets and the instance types ruled out."""
     goal = plan.goal
-    lines = [f"no fleet meets TTFT {goal.slo.ttft:g} s and TPOT {goal.slo.tpot * 1000:g} ms at p{goal.percentile:g} for "
-             f"{goal.attainment:.0%} of requests at {goal.rate:g} req/s"]
+    lines = [f"no fleet meets TTFT {goal.slo.ttft:g} s and TPOT {goal.slo.tpot * 1000:g} ms "
+             f"at p{goal.percentile:g} for {goal.attainment:.0%} of requests at {goal.rate:g} req/s"]
     closest = plan.closest_failing[:5]
     if closest:
         lines.append("closest fleets:")
@@ -177,7 +177,8 @@ def markdown(plan: Plan, plots: dict[str, Path]) -> str:
         util = ", ".join(f"{role} {u:.0%}" for role, u in check.utilization)
         exact = "" if check.slice_exact else " (rounded down)"
         lines.append(f"| {check.fleet.label} | {check.rate:.3g} | {check.slice_label}{exact} | "
-                     f"{check.num_requests} ({check.num_measured}) | {check.window_s:.0f} s / {check.lifetime_s:.1f} s | "
+                     f"{check.num_requests} ({check.num_measured}) | "
+                     f"{check.window_s:.0f} s / {check.lifetime_s:.1f} s | "
                      f"{check.ttft:.3f} s | {check.tpot * 1000:.1f} ms | {check.attainment:.1%} | {util} | "
                      f"{('meets*' if check.short_window else 'meets') if check.meets else 'fails'} |")
     if plan.unsimulated:
@@ -197,6 +198,8 @@ def markdown(plan: Plan, plots: dict[str, Path]) -> str:
     if plan.screening.exclusions:
         lines += ["", "Ruled out:", ""]
         lines += [f"- {e.label}: {e.reason}" for e in plan.screening.exclusions]
+    first_token = ("after the KV transfer (as pdserve routes today)" if sim.first_token_after_transfer
+                   else "at the prefill end")
     lines += [
         "", "## Assumptions", "",
         f"- Roofline ({engine.dtype}): compute efficiency {eff.compute:g}, bandwidth {eff.bandwidth:g}, link "
@@ -208,7 +211,7 @@ def markdown(plan: Plan, plots: dict[str, Path]) -> str:
         f"state), seed {sim.seed}, {sim.routing} routing, {sim.router_overhead_s * 1000:g} ms router overhead; "
         "KV over the slower node's network share per instance, "
         f"{sim.link_latency_s * 1000:g} ms per transfer; first token "
-        f"{'after the KV transfer (as pdserve routes today)' if sim.first_token_after_transfer else 'at the prefill end'}.",
+        f"{first_token}.",
         "- Prices are the catalogue's (none verified on the provider's page); see docs/planner.md.",
         f"- Search: {len(plan.checks)} simulations at the target rate, "
         f"{sum(len(h.checks) - 1 for h in plan.headroom.values())} for headroom, {plan.wall_seconds:.0f} s.",

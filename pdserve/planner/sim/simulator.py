@@ -7,7 +7,8 @@ reserves blocks for the prompt's KV, waiting for room if it has none -> the tran
 ``kv_bytes_per_token * prompt_tokens / bandwidth + latency`` -> the prefill instance frees its
 blocks, the decode instance adopts the sequence and generates the remaining tokens with
 continuous batching. With ``imports_at_step_boundaries`` the decode instance reserves and
-adopts only between its steps, as pdserve's decode worker does. Colocated, one instance does both phases in the same steps.
+adopts only between its steps, as pdserve's decode worker does. Colocated, one instance does
+both phases in the same steps.
 
 Every instance runs the engine's own scheduler and block manager (see instance.py); only the
 duration of a step comes from a model. Events at the same instant are applied in the order of

@@ -7,9 +7,12 @@ cluster it was, each instance timed by the calibrated profile (calibrate/step_pr
 | target | simulated cluster |
 |---|---|
 | ``colocated`` | 1 colocated instance, the 2-thread profile |
-| ``disaggregated`` | 1 prefill + 1 decode instance, the 1-thread profile, a shared-memory link; the client's first token comes after the KV transfer, as pdserve's router streams it today, and the decode instance takes KV in only between its steps, as pdserve's decode worker does |
+| ``disaggregated`` | 1 prefill + 1 decode instance, the 1-thread profile, a shared-memory link (*) |
 | ``replicas`` | 2 colocated instances, the 1-thread profile, least-loaded routing |
 | ``colocated-1core`` | 1 colocated instance, the 1-thread profile |
+
+(*) The client's first token comes after the KV transfer, as pdserve's router streams it today,
+and the decode instance takes KV in only between its steps, as pdserve's decode worker does.
 
 Every instance has the engine's default ``SchedulerConfig`` and the KV pool ``pdserve serve``
 gives a worker by default (``--kv-memory-mb 512``: 512 MiB / (KV bytes per token x 16) blocks).
