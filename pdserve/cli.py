@@ -267,7 +267,8 @@ def _router(args: argparse.Namespace) -> int:
     try:
         config = router_config_from_args(
             args, prefill=tuple(args.prefill), decode=tuple(args.decode), both=tuple(args.both),
-            kv_backend=args.kv_backend, admin_key=args.admin_key, worker_secret=args.worker_secret,
+            kv_backend=args.kv_backend, kv_codec=args.kv_codec, admin_key=args.admin_key,
+            worker_secret=args.worker_secret,
         )
     except ValueError as error:
         print(f"pdserve router: {error}", file=sys.stderr)

@@ -64,3 +64,30 @@ def test_an_open_api_off_loopback_is_refused_unless_insecure() -> None:
         assert result.returncode == 2, result.stderr
         assert "off loopback" in result.stderr and "--api-key" in result.stderr and "--insecure" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_kv_transfer_options_reach_workers_and_router() -> None:
+    """serve forwards --kv-backend and --kv-codec to every worker, and --kv-pipeline to its router;
+    the codec choices are the codecs that exist (cli_args spells them out to stay light)."""
+    from pdserve.cli import _build_parser
+    from pdserve.serving.cli_args import KV_CODECS, router_config_from_args
+    from pdserve.serving.serve import worker_argv
+    from pdserve.transfer.codecs import CODEC_NAMES
+
+    assert KV_CODECS == CODEC_NAMES
+    args = _build_parser().parse_args(["serve", "--kv-backend", "tcp", "--kv-codec", "int8", "--no-kv-pipeline"])
+    argv = worker_argv(args, "decode", 8102, "1", "model.gguf", "dense")
+    assert argv[argv.index("--kv-backend") + 1] == "tcp" and argv[argv.index("--kv-codec") + 1] == "int8"
+    assert router_config_from_args(args).kv_pipeline is False
+    defaults = _build_parser().parse_args(["serve"])
+    assert (defaults.kv_backend, defaults.kv_codec) == ("shm", "none")
+    assert router_config_from_args(defaults).kv_pipeline is True
+    router = _build_parser().parse_args(["router", "--kv-codec", "fp8"])
+    assert router.kv_codec == "fp8" and router.kv_pipeline is True
+    worker = _build_parser().parse_args(["worker", "--kv-codec", "int8"])
+    assert worker.kv_codec == "int8"
+
+
+def test_serve_refuses_a_codec_over_shared_memory() -> None:
+    result = run_cli("serve", "--kv-codec", "int8", timeout=60)
+    assert result.returncode == 2 and "--kv-backend tcp" in result.stderr, result.stderr

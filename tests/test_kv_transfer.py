@@ -134,6 +134,64 @@ def test_pipelined_transfer_lands_layers_while_the_prefill_runs(
     assert token_ids(events) == expected
 
 
+@pytest.mark.parametrize("backend", ["tcp", "shm"])
+def test_an_announced_offer_is_pulled_while_its_prefill_runs(sender: Worker, receiver: Worker, backend: str) -> None:
+    """The serving path's pipelining: `offered` comes as the prefill starts, and a pull started
+    then gets the KV (tcp: layer by layer; shm: its blocks reserved early, copied at the end)."""
+    # ~900 tokens, long enough to overlap; a prefix of its own, else the sender's prefix cache
+    # would hold it (from other tests) and there would be nothing to pipeline.
+    prompt = f"Announced over {backend}. " + long_prompt()[:4000]
+    request_id = f"announced-{backend}"
+    receiver.generate(f"local-{request_id}", prompt, PARAMS)
+    expected = token_ids(receiver.wait_finished(f"local-{request_id}"))
+    metrics = sender.service.connector.metrics
+    early, early_bytes = metrics.early.labels("send")._value.get(), metrics.early_bytes._value.get()
+    reserved_at: list[float] = []
+    engine = receiver.engine
+    original_reserve = engine.reserve_kv
+
+    def observed_reserve(*args: object, **kwargs: object) -> list[int]:
+        reserved_at.append(time.monotonic())
+        return original_reserve(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine.reserve_kv = observed_reserve  # type: ignore[method-assign]
+    try:
+        offer = {"mode": "offer", "pipelined": backend == "tcp", "announce": True}
+        sender.generate(request_id, prompt, PARAMS, kv=offer)
+        offered = sender.next_event(request_id)
+        assert offered["event"] == "offered" and offered["kv_address"] == sender.kv_address, offered
+        receiver.generate(request_id, prompt, PARAMS, kv={
+            "mode": "pull", "address": offered["kv_address"], "backend": backend, "on_failure": "fail",
+        })
+        (prefilled,) = sender.wait_finished(request_id)
+        events = receiver.wait_finished(request_id)
+    finally:
+        del engine.reserve_kv
+    assert prefilled["event"] == "prefilled" and not failures(events), events
+    assert token_ids(events) == expected
+    assert metrics.early.labels("send")._value.get() == early + 1, "the pull did not connect before the prefill ended"
+    assert reserved_at and reserved_at[0] < prefilled["time"], "the receiver reserved only after the prefill"
+    if backend == "tcp":
+        assert metrics.early_bytes._value.get() > early_bytes, "no layer was sent while the prefill ran"
+
+
+def test_a_prefill_aborted_after_its_announcement_is_recomputed_by_the_puller(
+    sender: Worker, receiver: Worker
+) -> None:
+    prompt = "Withdrawn. " + long_prompt()[:4000]
+    receiver.generate("local-withdrawn", prompt, PARAMS)
+    expected = token_ids(receiver.wait_finished("local-withdrawn"))
+    sender.generate("withdrawn", prompt, PARAMS, kv={"mode": "offer", "pipelined": True, "announce": True})
+    offered = sender.next_event("withdrawn")
+    receiver.generate("withdrawn", prompt, PARAMS, kv={"mode": "pull", "address": offered["kv_address"]})
+    time.sleep(0.3)  # the pull connects and claims the offer; the ~900-token prefill runs on
+    sender.abort("withdrawn")  # as when the router closes the prefill's stream
+    events = receiver.wait_finished("withdrawn")
+    (failure,) = failures(events)
+    assert failure["fallback"] == "recompute", failure
+    assert token_ids(events) == expected
+
+
 @pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "fp8"])
 def test_every_codec_transfers_and_decodes(
     sender: Worker, receiver: Worker, local_tokens: list[int], codec: str

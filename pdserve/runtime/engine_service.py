@@ -159,7 +159,10 @@ class EngineService:
                     timeout=30
                 )
             elif mode == "offer":
-                self._offer(request_id, prompt, params, bool(kv.get("pipelined", False)), cache_salt)
+                self._offer(
+                    request_id, prompt, params, bool(kv.get("pipelined", False)), bool(kv.get("announce", False)),
+                    cache_salt,
+                )
             elif mode == "pull":
                 self._start_pull(request_id, prompt, params, kv, cache_salt)
             else:
@@ -186,17 +189,32 @@ class EngineService:
         return prompt
 
     def _offer(
-        self, request_id: str, prompt: Any, params: SamplingParams, pipelined: bool, cache_salt: str | None
+        self, request_id: str, prompt: Any, params: SamplingParams, pipelined: bool, announce: bool,
+        cache_salt: str | None,
     ) -> None:
+        """Prefill with the KV held and offered. ``pipelined``: capture each layer's KV as it is
+        computed, for a receiver already connected. ``announce``: emit an ``offered`` event when
+        the prefill starts computing, so that the router can start the decode worker's pull
+        then (not at admission: a pull started while the prompt waits in this worker's queue
+        would spend its transfer deadline there)."""
         connector = self.connector
+        announced = False
 
         def hook(layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            connector.publish_layer(request_id, layer, start, k, v)
+            nonlocal announced
+            if announce and not announced:  # layer 0 of the first chunk: the prefill has started
+                announced = True
+                self._emit(request_id, {
+                    "event": "offered", "request_id": request_id, "kv_cache_id": request_id,
+                    "kv_address": self.transfer.advertise or connector.address, "pipelined": pipelined,
+                })
+            if pipelined:
+                connector.publish_layer(request_id, layer, start, k, v)
 
         def admit(engine: LLMEngine) -> None:
             engine.add_request(
                 prompt, params, request_id, prefill_only=True, hold_kv=True,
-                kv_hook=hook if pipelined else None, cache_salt=cache_salt,
+                kv_hook=hook if pipelined or announce else None, cache_salt=cache_salt,
             )
             connector.offer(request_id, engine.handoff_header(request_id), pipelined)
             # Marked on the engine thread, before any step can finish the prefill.
@@ -234,10 +252,11 @@ class EngineService:
             seconds = time.monotonic() - started
             self._emit(request_id, {
                 "event": "kv_received", "request_id": request_id,
-                "num_bytes": target.received_bytes, "seconds": seconds,
+                "num_bytes": target.received_bytes, "seconds": seconds, "codec": target.received_codec,
             })
             log.info("KV received", extra={
                 "request_id": request_id, "bytes": target.received_bytes, "seconds": round(seconds, 4),
+                "codec": target.received_codec,
             })
             loop.call(lambda e: e.commit_kv(request_id, first_tokens)).result(timeout=30)
 

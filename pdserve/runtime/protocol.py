@@ -9,9 +9,12 @@ as further events tagged with ``request_id``:
 - ``output``: the request's cumulative choices (as :func:`output_to_json`), ``finished`` last;
   with logprobs, every sampled token and top alternative also carries its text (see
   :class:`TokenTexts`), since the router decodes nothing;
+- ``offered``: (only with ``kv: {"mode": "offer", "announce": true}``) the prefill started
+  computing and its KV may be pulled from ``kv_address`` under ``kv_cache_id`` already: layer
+  by layer if ``pipelined``, else as soon as it ends;
 - ``prefilled``: a prefill-only request's KV is held and offered under ``kv_cache_id`` at
   ``kv_address``, with the first sampled token(s);
-- ``kv_received``: a pulled KV landed (bytes, seconds);
+- ``kv_received``: a pulled KV landed (bytes, seconds, the codec it travelled in);
 - ``kv_failed``: a pull failed (``reason``); ``fallback`` says whether the prompt is being
   recomputed here (more ``output`` events follow) or the request ended (``"fail"``);
 - ``error``: the request ended without output (``status``, ``message``).

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from pdserve.serving.router import RouterConfig
 
 ROLES = ("prefill", "decode", "both")
+KV_CODECS = ("none", "fp16", "bf16", "int8", "fp8")
+"""transfer/codecs.py's CODEC_NAMES, spelled out: importing it would import torch (a test keeps them equal)."""
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory-mb", type=int, default=512, help="KV cache budget in MiB (default: 512)")
     parser.add_argument("--kv-backend", choices=("tcp", "shm"), default="tcp",
                         help="how this worker pulls KV: shm on one host, tcp across hosts (default: tcp)")
+    parser.add_argument("--kv-codec", choices=KV_CODECS, default="none",
+                        help="how KV this worker pulls over tcp is encoded on the wire, unless the router asks for "
+                        "another: int8 and fp8 move ~1/4 of float32 KV's bytes (~1/2 of bf16's) and are lossy; "
+                        "shm copies raw KV whatever this says (default: none)")
     parser.add_argument("--kv-host", default="127.0.0.1", help="KV server address (off loopback needs --kv-secret)")
     parser.add_argument("--kv-port", type=int, default=0, help="KV server port (default: any free port)")
     parser.add_argument("--kv-secret", default=os.environ.get("PDSERVE_KV_SECRET"),
@@ -58,6 +64,8 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--both", nargs="*", default=[], metavar="URL", help="colocated workers' internal URLs")
     parser.add_argument("--kv-backend", choices=("tcp", "shm"), default=None,
                         help="tell decode workers how to pull KV (default: their own setting)")
+    parser.add_argument("--kv-codec", choices=KV_CODECS, default=None,
+                        help="tell decode workers how KV pulled over tcp is encoded (default: their --kv-codec)")
     parser.add_argument("--admin-key", default=os.environ.get("PDSERVE_ADMIN_KEY"),
                         help="Bearer key of the /admin API that adds and removes workers at run time "
                         "(default: $PDSERVE_ADMIN_KEY; without one, only loopback clients may use it)")
@@ -77,6 +85,10 @@ def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-prefill-tokens", type=int, default=0, metavar="N",
                         help="prompts whose uncached part is at most N tokens are prefilled on the decode worker, "
                         "with no KV transfer (default: 0, always disaggregate)")
+    parser.add_argument("--kv-pipeline", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the decode worker's KV pull as soon as the prefill starts: over tcp the layers "
+                        "stream while the prefill runs, over shm the pull connects and reserves its blocks early "
+                        "and copies when the prefill ends (default: on)")
     parser.add_argument("--kv-overcommit", type=float, default=1.0,
                         help="decode KV blocks the router may reserve for prompt + max_tokens, as a multiple of "
                         "the decode pool's blocks (default: 1.0: never more than fits)")
@@ -111,7 +123,8 @@ def router_config_from_args(args: argparse.Namespace, **fixed: Any) -> RouterCon
         api_keys=api_keys, routing=args.routing, local_prefill_tokens=args.local_prefill_tokens,
         kv_overcommit=args.kv_overcommit, max_concurrent=args.max_concurrent, max_queued=args.max_queued,
         queue_timeout=args.queue_timeout, max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens, reserve_output_tokens=args.reserve_output_tokens, **fixed,
+        max_prompt_tokens=args.max_prompt_tokens, reserve_output_tokens=args.reserve_output_tokens,
+        kv_pipeline=args.kv_pipeline, **fixed,
     )
 
 
@@ -132,5 +145,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         "the CPU has the native int4 kernel (AVX2 or AVX-512), else dense: decode is bound by "
                         "reading weights). Colocated workers take --weight-format (default dense)")
     parser.add_argument("--kv-memory-mb", type=int, default=512, help="KV cache budget per worker in MiB")
+    parser.add_argument("--kv-backend", choices=("shm", "tcp"), default="shm",
+                        help="how decode workers pull KV: shm copies it out of the prefill worker's pool (this "
+                        "host only), tcp streams it over loopback like across hosts (default: shm)")
+    parser.add_argument("--kv-codec", choices=KV_CODECS, default="none",
+                        help="how KV is encoded over tcp (int8, fp8: ~1/4 of float32's bytes, lossy); needs "
+                        "--kv-backend tcp (default: none)")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
     add_policy_arguments(parser)

@@ -8,11 +8,18 @@ Degrades instead of failing:
 - a decode worker that fails before any token was streamed: another one takes the request;
 - repeated KV transfer failures from one prefill worker (``kv_failed`` events) or failures of a
   worker open that worker's circuit breaker, and requests go elsewhere until a probe succeeds.
+
+Pipelined (``kv_pipeline``, the default): the prefill worker announces its offer (``offered``)
+as the prefill starts, and the decode worker's pull starts then, while the prefill runs: over
+``tcp`` each layer streams as it is computed; over ``shm`` the pull connects and reserves its
+blocks early and copies them when the prefill ends. The router keeps reading the prefill's
+stream in the background to its ``prefilled`` event (closing it would abort the prefill). A
+prefill that fails after its announcement withdraws its offer: the pull fails and the decode
+worker recomputes (a ``kv_failed`` event, counted against the prefill worker's breaker).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
@@ -24,7 +31,8 @@ import httpx
 from pdserve.engine.block_manager import BlockHash, hash_full_blocks
 from pdserve.serving.errors import APIError
 from pdserve.serving.kv_ledger import KVLedger
-from pdserve.serving.output_deltas import DeltaDecoder
+from pdserve.serving.pipelined_prefill import PipelinedPrefill
+from pdserve.serving.worker_events import worker_events
 from pdserve.serving.worker_pool import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -41,6 +49,10 @@ class DispatchConfig:
     """A prompt whose uncached part is at most this long is prefilled on the decode worker."""
     queue_timeout: float = 30.0
     """Seconds a request may wait for KV room on a decode worker."""
+    kv_pipeline: bool = True
+    """Start the decode worker's pull when the prefill starts, not after it ends."""
+    kv_codec: str | None = None
+    """The codec decode workers ask for over tcp; None: their own default."""
 
 
 @dataclass
@@ -94,6 +106,8 @@ class Dispatcher:
             lambda fits: pool.pick("decode", "both", fits=fits, owner=owner), lambda: pool.available("decode", "both"),
             num_tokens, self.config.queue_timeout,
         )
+        follower: PipelinedPrefill | None = None
+        """Reads a pipelined prefill's stream while the decode worker pulls its KV."""
         try:
             hashes = self.prefix_hashes(request)
             local = request.worker_body()
@@ -101,10 +115,10 @@ class Dispatcher:
             if request.redeem is not None:
                 first_try = {**local, "kv": self._pull(request.redeem["kv_address"], request.redeem["kv_cache_id"])}
             elif decode.role == "decode":
-                first_try, prefill = await self._maybe_prefill(client, request, decode, hashes, observe)
+                first_try, prefill, follower = await self._maybe_prefill(client, request, decode, hashes, observe)
             log.info("routed", extra={
                 "request_id": request.request_id, "decode": decode.url, "prefill": prefill.url if prefill else None,
-                "prompt_tokens": len(request.prompt_ids), "reserved_blocks": blocks,
+                "prompt_tokens": len(request.prompt_ids), "reserved_blocks": blocks, "pipelined": follower is not None,
             })
             tried: set[str] = set()
             body = first_try
@@ -131,6 +145,8 @@ class Dispatcher:
                                 raise APIError(str(event.get("message")), int(event.get("status", 503)))
                     decode.breaker.record_success()
                     pool.prefix.record(decode.url, hashes)
+                    if follower is not None:  # its `prefilled` event is due (the KV landed)
+                        await follower.end(wait=5.0)
                     return
                 except APIError as error:
                     if error.status >= 500:
@@ -143,7 +159,12 @@ class Dispatcher:
                     self.on_degraded("decode_retry")
                     await self.ledger.move(decode.url, replacement, blocks)
                     decode, body, prefill = replacement, local, None
+                    if follower is not None:  # nobody pulls that KV now: abort the prefill
+                        await follower.end(wait=0)
+                        follower = None
         finally:
+            if follower is not None:
+                await follower.end(wait=0)
             # A breaker probe this request held and never judged (its client left, a 4xx) is
             # released, else that worker's breaker would stay half-open with no probe forever.
             for worker in pool.workers:
@@ -171,30 +192,47 @@ class Dispatcher:
     async def _maybe_prefill(
         self, client: httpx.AsyncClient, request: PreparedRequest, decode: Worker, hashes: list[BlockHash],
         observe: EventObserver,
-    ) -> tuple[dict[str, Any], Worker | None]:
-        """The decode worker's first body (pull the KV from a prefill worker, or prefill locally)."""
+    ) -> tuple[dict[str, Any], Worker | None, PipelinedPrefill | None]:
+        """The decode worker's first body (pull the KV from a prefill worker, or prefill locally),
+        the prefill worker, and the reader of a pipelined prefill's stream."""
         local = request.worker_body()
         cached = self.pool.prefix.matched_blocks(decode.url, hashes) * self.pool.block_size()
         if len(request.prompt_ids) - cached <= self.config.local_prefill_tokens:
             self.on_degraded("local_prefill_below_threshold")
-            return local, None
+            return local, None, None
         prefill = self.pool.pick("prefill", prefix=hashes, num_tokens=len(request.prompt_ids), owner=request.request_id)
         if prefill is None:
             self.on_degraded("decode_side_prefill")
-            return local, None
-        prefilled = await self._prefill(client, prefill, {**local, "kv": {"mode": "offer"}})
-        if prefilled is None:
+            return local, None, None
+
+        def prefilled(event: dict[str, Any]) -> None:
+            observe(event)
+            self.pool.prefix.record(prefill.url, hashes)
+
+        follower = None
+        if self.config.kv_pipeline:
+            backend = self.config.kv_backend or str(decode.info.get("kv_backend") or "tcp")
+            # Capturing layers as they are computed pays only for a pull that streams them; shm
+            # copies the held blocks at the end anyway.
+            offer = {"mode": "offer", "pipelined": backend != "shm", "announce": True}
+            follower = PipelinedPrefill(client, prefill, {**local, "kv": offer}, prefilled)
+            event = await follower.announced()
+        else:
+            event = await self._prefill(client, prefill, {**local, "kv": {"mode": "offer"}})
+            if event is not None:
+                prefilled(event)
+        if event is None:
             prefill.breaker.record_failure()
             self.on_degraded("decode_side_prefill")
-            return local, None
-        observe(prefilled)
-        self.pool.prefix.record(prefill.url, hashes)
-        return {**local, "kv": self._pull(prefilled["kv_address"], request.request_id)}, prefill
+            return local, None, None
+        return {**local, "kv": self._pull(event["kv_address"], request.request_id)}, prefill, follower
 
     def _pull(self, address: str, kv_cache_id: str) -> dict[str, Any]:
         kv = {"mode": "pull", "address": address, "kv_cache_id": kv_cache_id}
         if self.config.kv_backend:
             kv["backend"] = self.config.kv_backend
+        if self.config.kv_codec:
+            kv["codec"] = self.config.kv_codec
         return kv
 
     async def _prefill(self, client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
@@ -212,34 +250,3 @@ class Dispatcher:
             log.warning("prefill on %s failed, prefilling on the decode worker: %s", worker.url, error.message,
                         extra={"request_id": body.get("request_id")})
         return None
-
-
-async def worker_events(
-    client: httpx.AsyncClient, worker: Worker, body: dict[str, Any]
-) -> AsyncGenerator[dict[str, Any], None]:
-    """A worker's NDJSON event stream for one request (errors become APIError)."""
-    try:
-        async with client.stream("POST", f"{worker.url}/internal/generate", json=body) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise _worker_error(response)
-            decoder = DeltaDecoder()  # outputs arrive as deltas (output_deltas.py)
-            async for line in response.aiter_lines():
-                if line:
-                    try:
-                        event = decoder.decode(json.loads(line))
-                    except ValueError as error:
-                        raise APIError(f"worker {worker.url} sent a broken event stream: {error}", 503) from None
-                    yield event
-    except httpx.HTTPError as error:
-        worker.healthy = False
-        raise APIError(f"worker {worker.url} failed: {error}", 503, retry_after=1) from None
-
-
-def _worker_error(response: httpx.Response) -> APIError:
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        message = response.text
-    status = response.status_code if 400 <= response.status_code < 500 else 503
-    return APIError(message, status)

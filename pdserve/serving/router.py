@@ -73,6 +73,10 @@ class RouterConfig:
     """Sent as a Bearer token to workers whose internal API needs it (serving/internal_auth.py)."""
     kv_backend: str | None = None
     """How decode workers pull KV ("shm" when every worker shares this host); None: their default."""
+    kv_pipeline: bool = True
+    """Start the decode worker's pull when the prefill starts, not after it (serving/dispatch.py)."""
+    kv_codec: str | None = None
+    """The codec decode workers ask for over tcp (none, fp16, bf16, int8, fp8); None: their default."""
     request_timeout: float = 600.0
     routing: str = "round_robin"
     """Worker choice: round_robin, least_loaded or prefix_aware (serving/worker_pool.py)."""
@@ -97,7 +101,8 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     metrics = RouterMetrics()
     dispatcher = Dispatcher(
         pool, KVLedger(config.kv_overcommit),
-        DispatchConfig(config.kv_backend, config.local_prefill_tokens, config.queue_timeout),
+        DispatchConfig(config.kv_backend, config.local_prefill_tokens, config.queue_timeout, config.kv_pipeline,
+                       config.kv_codec),
         on_degraded=lambda how: metrics.degraded.labels(how).inc(),
     )
 

@@ -1,7 +1,9 @@
 """``pdserve serve``: router + workers on this machine, one command (the embedded default).
 
 Disaggregated by default: one prefill and one decode worker, one core each, KV moved through
-shared memory. ``--colocated`` runs ``both`` workers instead (the monolithic baseline).
+shared memory (``--kv-backend tcp``: over loopback, as across hosts, optionally compressed with
+``--kv-codec``), the decode worker's pull starting as the prefill starts (``--no-kv-pipeline``:
+after it). ``--colocated`` runs ``both`` workers instead (the monolithic baseline).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging("router", args.log_level, json_lines=not args.plain_logs)
     try:
         router_config_from_args(args)  # bad options fail now, before any worker starts
+        if args.kv_codec != "none" and args.kv_backend == "shm":
+            raise ValueError(f"--kv-codec {args.kv_codec} needs --kv-backend tcp: shm copies raw KV, no codec")
     except ValueError as error:
         log(f"error: {error}")
         return 2
@@ -66,14 +70,7 @@ def run_serve(args: argparse.Namespace) -> int:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             cpus = str(cores[index % len(cores)]) if len(roles) > 1 else f"{cores[0]}-{cores[-1]}"
-            argv = [
-                "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
-                "--model", model, "--dtype", args.dtype, "--weight-format", formats[role].weight_format,
-                "--attention", args.attention,
-                "--large-batch-float32" if args.large_batch_float32 else "--no-large-batch-float32",
-                "--kv-backend", "shm", "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
-                "--log-level", args.log_level, *(["--plain-logs"] if args.plain_logs else []),
-            ]
+            argv = worker_argv(args, role, port, cpus, model, formats[role].weight_format)
             group.spawn(f"{role} worker {index}", url, argv, env)
             urls[role].append(url)
             log(f"starting {role} worker on core(s) {cpus}, weights {formats[role].weight_format} "
@@ -82,7 +79,7 @@ def run_serve(args: argparse.Namespace) -> int:
         group.watch()
         config = router_config_from_args(
             args, prefill=tuple(urls["prefill"]), decode=tuple(urls["decode"]), both=tuple(urls["both"]),
-            kv_backend="shm", worker_secret=env["PDSERVE_INTERNAL_SECRET"],
+            kv_backend=args.kv_backend, worker_secret=env["PDSERVE_INTERNAL_SECRET"],
         )
         app = create_router_app(config)
         base = f"http://{args.host}:{args.port}"
@@ -101,6 +98,19 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         log("stopping workers")
         group.stop()
+
+
+def worker_argv(args: argparse.Namespace, role: str, port: int, cpus: str, model: str, weight_format: str) -> list[str]:
+    """The command line of one of serve's workers (after the Python executable)."""
+    return [
+        "-m", "pdserve.cli", "worker", "--role", role, "--port", str(port), "--cpus", cpus,
+        "--model", model, "--dtype", args.dtype, "--weight-format", weight_format,
+        "--attention", args.attention,
+        "--large-batch-float32" if args.large_batch_float32 else "--no-large-batch-float32",
+        "--kv-backend", args.kv_backend, "--kv-codec", args.kv_codec,
+        "--kv-memory-mb", str(args.kv_memory_mb), "--exit-with-parent",
+        "--log-level", args.log_level, *(["--plain-logs"] if args.plain_logs else []),
+    ]
 
 
 def _exit_cleanly(signum: int, _frame: object) -> None:

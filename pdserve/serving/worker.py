@@ -49,7 +49,7 @@ def worker_config(args: argparse.Namespace, num_threads: int | None) -> tuple[En
         cache=CacheConfig(memory_bytes=args.kv_memory_mb << 20, allocator="shm" if args.role != "decode" else "heap"),
     )
     transfer = TransferConfig(
-        backend=args.kv_backend, host=args.kv_host, port=args.kv_port, secret=args.kv_secret,
+        backend=args.kv_backend, codec=args.kv_codec, host=args.kv_host, port=args.kv_port, secret=args.kv_secret,
         lease_ttl=args.kv_lease_ttl, transfer_timeout=args.kv_timeout, io_timeout=args.kv_io_timeout,
         advertise=args.kv_advertise,
     )

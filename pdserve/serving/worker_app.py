@@ -5,7 +5,7 @@
                                 outputs as deltas (serving/output_deltas.py)
     POST /internal/abort     {"request_id"}
     GET  /internal/tokenizer the model's tokenizer (tokenizer.json + config), for the router
-    GET  /health             200 {"status": "ok", "role", "model", "kv_address"} once warmed up;
+    GET  /health             200 {"status": "ok", "role", "model", "kv_address", "kv_backend"} once warmed up;
                              503 once the engine loop is stuck in one round of work (WEDGED_AFTER)
     GET  /load               waiting/running requests, free KV blocks (for routing)
     GET  /debug              leak-check state (free/held/reserved blocks, fds, threads, children)
@@ -113,7 +113,8 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
         proof = {PROOF_HEADER: prove_identity(internal_secret, challenge)} if internal_secret and challenge else None
         return JSONResponse({
             "status": "ok", "role": role, "model": service.engine.model_name,
-            "kv_address": service.connector.address, "max_model_len": service.engine.max_model_len,
+            "kv_address": service.connector.address, "kv_backend": service.transfer.backend,
+            "max_model_len": service.engine.max_model_len,
             "weight_format": service.engine.config.model.weight_format,
         }, headers=proof)
 

@@ -83,6 +83,8 @@ class PullTarget:
     """The receiving engine's KV pool, for backends that copy blocks into it directly."""
     received_bytes: int = 0
     """Payload bytes that arrived, set before ``commit`` is called."""
+    received_codec: str = "none"
+    """The codec they travelled in ("none" for raw KV and shared-memory copies), set with them."""
     _aborted: threading.Event = field(default_factory=threading.Event)
     _socket: socket.socket | None = None
 
@@ -105,6 +107,7 @@ class PullResult:
     num_bytes: int
     """Payload bytes received (encoded size for streamed KV)."""
     seconds: float
+    codec: str = "none"
 
 
 class KVConnector(ABC):
@@ -184,7 +187,8 @@ class KVConnector(ABC):
             block_table = _reserve(target, header)
             reserved = True
             num_bytes, first_tokens = self._receive(sock, head, header, block_table, target, deadline)
-            target.received_bytes = num_bytes
+            codec = str(head.meta.get("codec") or "none")
+            target.received_bytes, target.received_codec = num_bytes, codec
             target.commit(first_tokens)
             reserved = False
             send_frame(sock, Kind.ACK, deadline=deadline)
@@ -207,8 +211,8 @@ class KVConnector(ABC):
             if sock is not None:
                 sock.close()
         seconds = time.monotonic() - started
-        self.metrics.record_success("receive", num_bytes, seconds)
-        return PullResult(header, num_bytes, seconds)
+        self.metrics.record_success("receive", num_bytes, seconds, codec)
+        return PullResult(header, num_bytes, seconds, codec)
 
     def close(self) -> None:
         """Stop serving; every open offer ends (its KV is released)."""

@@ -25,7 +25,18 @@ class TransferMetrics:
             registry=r,
         )
         self.bytes = Counter(
-            "pdserve_kv_transfer_bytes", "KV payload bytes moved", ["direction"], registry=r
+            "pdserve_kv_transfer_bytes", "KV payload bytes moved, by the codec they travelled in",
+            ["direction", "codec"], registry=r,
+        )
+        # Pipelining is otherwise invisible: a pipelined transfer that silently waited for the
+        # whole prefill would look like any other.
+        self.early = Counter(
+            "pdserve_kv_transfers_early", "Transfers claimed before the prefill ended (the receiver connected early)",
+            ["direction"], registry=r,
+        )
+        self.early_bytes = Counter(
+            "pdserve_kv_transfer_early_bytes", "Payload bytes sent while the prefill still ran (pipelined tcp)",
+            registry=r,
         )
         self.duration = Histogram(
             "pdserve_kv_transfer_seconds", "Wall time of a KV transfer", ["direction"],
@@ -42,9 +53,10 @@ class TransferMetrics:
             "pdserve_kv_blocks_held_for_transfer", "KV blocks kept alive for a transfer", registry=r
         )
 
-    def record_success(self, direction: str, num_bytes: int, seconds: float) -> None:
+    def record_success(self, direction: str, num_bytes: int, seconds: float, codec: str = "none") -> None:
+        """``codec``: what the bytes travelled in ("none" for raw KV, also shared-memory copies)."""
         self.completed.labels(direction).inc()
-        self.bytes.labels(direction).inc(num_bytes)
+        self.bytes.labels(direction, codec).inc(num_bytes)
         self.duration.labels(direction).observe(seconds)
         if seconds > 0:
             self.bandwidth.labels(direction).observe(num_bytes / seconds / 1e9)

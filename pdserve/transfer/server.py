@@ -158,11 +158,13 @@ class KVServer:
             offer = self.offers.claim(requested_id)
             kv_cache_id = requested_id
             self.metrics.started.labels("send").inc()
-            num_bytes = self._send(sock, offer, str(pull.meta.get("data", "stream")), pull.meta, deadline)
+            if not offer.is_ready:
+                self.metrics.early.labels("send").inc()
+            num_bytes, codec = self._send(sock, offer, str(pull.meta.get("data", "stream")), pull.meta, deadline)
             expect(recv_frame(sock, deadline, max_meta=CONTROL_META_BYTES, max_body=0), Kind.ACK)
             self.offers.end(kv_cache_id, by_server=True)
             seconds = time.monotonic() - started
-            self.metrics.record_success("send", num_bytes, seconds)
+            self.metrics.record_success("send", num_bytes, seconds, codec)
             log.info("KV sent", extra={"request_id": kv_cache_id, "bytes": num_bytes, "seconds": round(seconds, 4)})
         except TransferError as error:
             send_error(sock, error.reason, error.detail)
@@ -205,26 +207,29 @@ class KVServer:
 
     def _send(
         self, sock: socket.socket, offer: KVOffer, mode: str, request: dict, deadline: Deadline
-    ) -> int:
+    ) -> tuple[int, str]:
+        """Serve one claimed offer; returns (payload bytes, the codec they travelled in)."""
         if mode == "shm":
             if self.source.shm_name is None:
                 raise TransferError(
                     FailureReason.PROTOCOL,
                     "this sender's KV pool is not in shared memory (start it with the shm allocator), use tcp",
                 )
-            self._await_ready(sock, offer, deadline)
-            assert offer.held is not None
+            # The header goes first, even before the prefill ended: a receiver that connected
+            # early reserves its blocks meanwhile, and only the block copy is left at the end.
             send_frame(
                 sock, Kind.HEADER, {"header": offer.header.to_json(), "data": "shm", **self._answer(offer, request)},
                 deadline=deadline,
             )
+            self._await_ready(sock, offer, deadline)
+            assert offer.held is not None
             send_frame(
                 sock, Kind.SHM,
                 {"shm_name": self.source.shm_name, "block_table": offer.held.block_table, "pid": os.getpid()},
                 deadline=deadline,
             )
             send_frame(sock, Kind.DONE, _done_meta(offer), deadline=deadline)
-            return offer.header.num_tokens * _bytes_per_token(self.source.layout)
+            return offer.header.num_tokens * _bytes_per_token(self.source.layout), "none"
         if mode != "stream":
             raise TransferError(FailureReason.PROTOCOL, f"unknown data mode {mode!r}")
         try:
@@ -238,7 +243,7 @@ class KVServer:
             {"header": offer.header.to_json(), "data": "stream", "codec": codec.name, **self._answer(offer, request)},
             deadline=deadline,
         )
-        return self._stream(sock, offer, codec, deadline)
+        return self._stream(sock, offer, codec, deadline), codec.name
 
     def _answer(self, offer: KVOffer, pull: dict) -> dict:
         """The server's proof over the receiver's nonce, so that the receiver knows whom it got
@@ -271,6 +276,7 @@ class KVServer:
                 kv = segment.kv[:, skip:]
                 num_bytes += self._send_layer(sock, codec, segment.layer, sent_upto[segment.layer], kv, deadline)
                 sent_upto[segment.layer] = segment.end
+        self.metrics.early_bytes.inc(num_bytes)
         _raise_if_ended(offer)
         assert offer.held is not None
         num_tokens = offer.header.num_tokens

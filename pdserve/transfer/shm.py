@@ -26,7 +26,7 @@ from pdserve.engine.kv_cache import KVLayout, attach_shared_pool
 from pdserve.engine.shm_segments import segment_owner
 from pdserve.transfer.connector import KVConnector, PullTarget
 from pdserve.transfer.errors import FailureReason, TransferError
-from pdserve.transfer.wire import Deadline, Frame, Kind, expect, recv_frame
+from pdserve.transfer.wire import Deadline, Frame, Kind, expect, recv_frame_skipping_waits
 
 
 class ShmConnector(KVConnector):
@@ -49,7 +49,8 @@ class ShmConnector(KVConnector):
         if target.pool is None:
             raise TransferError(FailureReason.PROTOCOL, "the shm connector needs the receiving pool")
         self._peer_pools.detach_dead()
-        frame = expect(recv_frame(sock, deadline), Kind.SHM)
+        # The header came at once; WAITING keep-alives follow while the sender's prefill runs.
+        frame = expect(recv_frame_skipping_waits(sock, deadline), Kind.SHM)
         source_table = [int(b) for b in frame.meta["block_table"]]
         num_blocks = -(-header.num_tokens // self.layout.block_size)
         if len(source_table) < num_blocks or len(block_table) < num_blocks:
