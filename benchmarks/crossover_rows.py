@@ -1,7 +1,7 @@
 """Measure the crossover table: up to how many rows each small-batch kernel beats its large-batch
-partner on this CPU, and write this instruction-set level's section of
-``pdserve/engine/layers/crossover_rows.json`` (the other levels' sections are kept, and so are
-this level's pairs the run did not measure).
+partner on this CPU, and write this CPU's section of ``pdserve/engine/layers/crossover_rows.json``
+(its instruction-set level, or ``avx512_bf16`` for AVX-512 with bf16 hardware; the other
+sections are kept, and so are this section's pairs the run did not measure).
 
 The pairs are the ones the layer builder makes here (every weight format, float32 and bfloat16,
 with and without the native kernels), so the table covers exactly what the engine can route.
@@ -51,6 +51,9 @@ class Pair:
     small: str
     large: str
     is_head: bool
+    dtype: torch.dtype
+    """The model dtype the pair was built for: its activations' (a routed layer takes the
+    model's activations whichever side runs them)."""
     copies: list[list[RowRouted]]
     """[shape][copy]"""
 
@@ -84,7 +87,7 @@ def build_pairs(
                             layer = build_linear(weight, weight_format, target)
                         for routed in routed_pairs(layer):
                             key = (routed.small.kernel(1), routed.large.kernel(1))
-                            pair = pairs.setdefault(key, Pair(*key, is_head, [[] for _ in shapes]))
+                            pair = pairs.setdefault(key, Pair(*key, is_head, target.dtype, [[] for _ in shapes]))
                             if pair.is_head == is_head and len(pair.copies[shape_index]) < copies_for(shape):
                                 pair.copies[shape_index].append(routed)
     return pairs
@@ -101,14 +104,14 @@ def time_side(layers: list[list[Linear]], x_by_shape: list[torch.Tensor], calls:
     return statistics.median(times[max(1, calls // 10):])
 
 
-def measure(pair: Pair, dtype: torch.dtype, calls: int, rows_grid: tuple[int, ...]) -> tuple[int, list[str]]:
+def measure(pair: Pair, calls: int, rows_grid: tuple[int, ...]) -> tuple[int, list[str]]:
     """The pair's crossover rows, and a line per batch size timed."""
     small_layers = [[routed.small for routed in shape] for shape in pair.copies]
     large_layers = [[routed.large for routed in shape] for shape in pair.copies]
     max_rows = INT8_MAX_ROWS if isinstance(pair.copies[0][0].small, Int8Linear) else rows_grid[-1]
     crossover, lines = 0, []
     for rows in (r for r in rows_grid if r <= max_rows):
-        x_by_shape = [torch.randn(rows, shape[0].in_features).to(dtype) for shape in pair.copies]
+        x_by_shape = [torch.randn(rows, shape[0].in_features).to(pair.dtype) for shape in pair.copies]
         budget = max(5, calls // max(1, rows // 8))
         small = time_side(small_layers, x_by_shape, budget)
         large = time_side(large_layers, x_by_shape, budget)
@@ -130,7 +133,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     cpu = cpu_features()
-    level = cpu.isa_levels()[0]
+    level = cpu.crossover_section(cpu.isa_levels()[0])
     native = load_native_kernels()
     dtypes = [getattr(torch, name) for name in (args.dtype or ["float32", "bfloat16"])]
     targets = [LayerTarget(dtype, torch.device("cpu"), kernels, isa=level, crossover=no_table)
@@ -143,16 +146,13 @@ def main() -> None:
 
     print(f"{cpu.describe()}, torch {torch.__version__}, {args.threads} thread(s); level {level}", flush=True)
     pairs = build_pairs(targets, copies_for)
-    # A pair's activations take the dtype its small layer was built for (bf16 kernels for onednn).
-    dtype_of = {key: (torch.bfloat16 if "bf16" in key[1] or "bfloat16" in key[1] else torch.float32)
-                for key in pairs}
     rows_grid = ROWS[:5] if args.quick else ROWS
     calls = 3 if args.quick else 30
     measured: dict[str, dict[str, int]] = {}
     for key in sorted(pairs):
         pair = pairs[key]
         print(f"{pair.small} vs {pair.large} ({'head' if pair.is_head else 'one layer'}):", flush=True)
-        rows, lines = measure(pair, dtype_of[key], calls, rows_grid)
+        rows, lines = measure(pair, calls, rows_grid)
         print("\n".join(lines))
         print(f"  -> {pair.small} up to {rows} rows", flush=True)
         measured.setdefault(pair.small, {})[pair.large] = rows

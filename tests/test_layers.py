@@ -13,7 +13,7 @@ import pytest
 import torch
 from fixtures_native import seeded_randn
 
-from pdserve.engine.cpu_features import cpu_features
+from pdserve.engine.cpu_features import ISA_LEVELS, CpuFeatures, cpu_features
 from pdserve.engine.layers.build import LayerTarget, build_linear
 from pdserve.engine.layers.formats import WEIGHT_FORMATS, crossover_rows, crossover_table
 from pdserve.engine.layers.linear import Linear
@@ -69,9 +69,21 @@ def test_a_level_without_a_measurement_takes_the_nearest_levels() -> None:
         crossover_rows("torch-int4", "w8a8", "avx2", table)
 
 
+def test_avx512_cpus_with_and_without_bf16_hardware_read_their_own_sections() -> None:
+    table = {"avx512_bf16": {"cpu": "x", "rows": {"native-int4": {"onednn-bf16": 64, "dequantized": 20}}},
+             "avx512": {"cpu": "y", "rows": {"native-int4": {"dequantized": 48}}}}
+    xeon_bf16 = CpuFeatures("xeon", "x86_64", frozenset({*ISA_LEVELS["avx512"].requires, "avx512_bf16"}))
+    xeon = CpuFeatures("xeon", "x86_64", frozenset(ISA_LEVELS["avx512"].requires))
+    assert xeon_bf16.crossover_section("avx512") == "avx512_bf16" and xeon.crossover_section("avx512") == "avx512"
+    assert xeon.crossover_section("avx2") == "avx2"
+    assert crossover_rows("native-int4", "dequantized", "avx512_bf16", table) == 20
+    assert crossover_rows("native-int4", "dequantized", "avx512", table) == 48
+    assert crossover_rows("native-int4", "onednn-bf16", "avx512", table) == 64  # the nearest section's
+
+
 def test_the_shipped_table_names_its_machines() -> None:
     table = crossover_table()
-    assert set(table) <= {"avx512", "avx2", "portable"} and table
+    assert set(table) <= {"avx512_bf16", "avx512", "avx2", "portable"} and table
     for level, section in table.items():
         assert section["cpu"] and section["measured_by"], level
         for small, larges in section["rows"].items():
@@ -81,7 +93,8 @@ def test_the_shipped_table_names_its_machines() -> None:
 def test_the_crossover_script_writes_this_levels_section(tmp_path: Path) -> None:
     output = tmp_path / "crossover_rows.json"
     other = {"cpu": "another machine", "measured_by": "hand", "rows": {"a": {"b": 7}}}
-    level = cpu_features().isa_levels()[0]
+    cpu = cpu_features()
+    level = cpu.crossover_section(cpu.isa_levels()[0])
     output.write_text(json.dumps({"elsewhere": other}))
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "crossover_rows.py"), "--quick", "--dtype", "float32",

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from fixtures_model import checkpoint  # noqa: F401
 
+from pdserve.engine.cpu_features import cpu_features
 from pdserve.engine.layers.build import LayerTarget, dense_layer
 from pdserve.engine.layers.onednn import OneDnnLinear, onednn_bf16_available
 from pdserve.engine.layers.routing import RowRouted
@@ -34,11 +35,16 @@ def test_packed_linear_equals_f_linear(checkpoint: Checkpoint, rows: int) -> Non
     x = torch.randn(rows, weight.shape[1], generator=generator).to(torch.bfloat16)
     residual = torch.randn(rows, weight.shape[0], generator=generator).to(torch.bfloat16)
 
-    torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=0, atol=0)
+    if cpu_features().multiplies_bf16:
+        torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=0, atol=0)
+    else:
+        # Without bf16 hardware oneDNN emulates the products, and F.linear takes another kernel
+        # that sums in another order: the two round an element apart now and then, by an ulp.
+        torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=2**-7, atol=1e-5)
     # The fused add rounds once to bf16 where addmm may round the product first: within an ulp.
     expected = (x.float() @ weight.float().t() + residual.float()).to(torch.bfloat16)
     torch.testing.assert_close(layer(x, residual), expected, rtol=2**-7, atol=1e-2)
-    assert layer.nbytes == weight.numel() * 2
+    assert layer.kernel_bytes == weight.numel() * 2
 
 
 @needs_onednn_bf16

@@ -171,16 +171,19 @@ def test_seeded_n2_is_reproducible(server: Server) -> None:
 
 
 def test_serve_gives_each_pool_the_format_of_its_phase() -> None:
-    """By default prefill workers load dense weights and decode workers int4 where the CPU has the
-    native int4 kernel (role_formats.py); the pair still answers the capital question."""
+    """By default prefill workers load dense weights (w8a16 on AVX-512 VNNI CPUs without bf16
+    hardware) and decode workers int4 where the CPU has the native int4 kernel (role_formats.py);
+    the pair still answers the capital question."""
     running = Server()
     try:
         formats = {}
         for url in running.workers:
             health = httpx.get(f"{url}/health", timeout=5).json()
             formats[health["role"]] = health["weight_format"]
-        vectorized = cpu_features().isa_levels()[0] != "portable"
-        assert formats == {"prefill": "dense", "decode": "int4" if vectorized else "dense"}
+        cpu = cpu_features()
+        vectorized = cpu.isa_levels()[0] != "portable"
+        int8_prefill = cpu.has("avx512_vnni") and not cpu.multiplies_bf16
+        assert formats == {"prefill": "w8a16" if int8_prefill else "dense", "decode": "int4" if vectorized else "dense"}
         answer = running.client.completions.create(model=running.model, prompt=CAPITAL_PROMPT, max_tokens=4,
                                                    temperature=0)
         assert answer.choices[0].text.startswith(" Paris")

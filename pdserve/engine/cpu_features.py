@@ -78,6 +78,17 @@ class CpuFeatures:
         """The compiler flags for ``level`` on this CPU: its own, plus the optional ones it has."""
         return level.cflags + tuple(flag for cpu_flag, flag in level.optional if cpu_flag in self.flags)
 
+    @property
+    def multiplies_bf16(self) -> bool:
+        """Whether bf16 products run in hardware (AVX512-BF16 or AMX), not emulated by torch."""
+        return self.has("avx512_bf16") or self.has("amx_bf16")
+
+    def crossover_section(self, level: str) -> str:
+        """The crossover table's section for kernels of ``level`` on this CPU. AVX-512 CPUs with
+        and without bf16 hardware route differently (bf16 GEMMs are ~10x slower emulated), so
+        they have a section each: ``avx512_bf16`` and ``avx512``."""
+        return "avx512_bf16" if level == "avx512" and self.multiplies_bf16 else level
+
     def reported_flags(self) -> list[str]:
         return [name for name in REPORTED_FLAGS if name in self.flags]
 

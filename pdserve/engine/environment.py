@@ -57,7 +57,7 @@ def environment_report(build: bool = True) -> list[str]:
                                                     "takes it)" if levels[0] == "portable" else f"yes, {levels[0]}"),
     ]
     # The CPU's own level, not the kernel cap: torch's kernels in the table run at the CPU's.
-    lines.extend(crossover_lines(cpu.isa_levels()[0]))
+    lines.extend(crossover_lines(cpu.crossover_section(cpu.isa_levels()[0])))
     if not build:
         return lines
     kernels = load_native_kernels()

@@ -41,7 +41,8 @@ class LayerTarget:
     large_batch_float32: bool = True
     """With oneDNN-packed bf16 layers, also keep a float32 copy for large batches (config.py)."""
     isa: str = ""
-    """avx512, avx2 or portable; empty: this CPU's best level."""
+    """The crossover table's section: avx512_bf16, avx512, avx2 or portable; empty: this CPU's
+    (its best kernel level, CpuFeatures.crossover_section)."""
     crossover: Callable[[str, str, str], int] = crossover_rows
     """(small kernel, large kernel, level) -> rows the small one takes: the table's lookup
     (benchmarks/crossover_rows.py passes its own, to build pairs the table lacks)."""
@@ -53,7 +54,10 @@ class LayerTarget:
 
     @property
     def level(self) -> str:
-        return self.isa or cpu_features().isa_levels()[0]
+        if self.isa:
+            return self.isa
+        cpu = cpu_features()
+        return cpu.crossover_section(cpu.isa_levels()[0])
 
     def routed(self, small: Linear, large: Linear, max_rows: int | None = None) -> RowRouted:
         """small for the batches the crossover table gives it (at most ``max_rows``), large above."""

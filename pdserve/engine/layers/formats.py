@@ -3,7 +3,8 @@
 A projection may hold its weight twice, for a small-batch kernel and a large-batch one
 (routing.py); which runs a batch is decided by one number per pair of kernels, the largest
 batch at which the small one still wins. That number depends on the CPU, so the table has a
-section per instruction-set level (cpu_features.py), each written by
+section per instruction-set level (cpu_features.py; AVX-512 CPUs with bf16 hardware have their
+own, ``avx512_bf16``), each written by
 ``python benchmarks/crossover_rows.py`` on a machine of that level and naming the CPU it was
 measured on. A pair not measured at this level takes the nearest level's number.
 
@@ -34,8 +35,13 @@ digits each carries an activation in (w8a8.py)."""
 
 CROSSOVER_TABLE = Path(__file__).with_name("crossover_rows.json")
 
-_NEAREST_LEVELS = {"avx512": ("avx512", "avx2", "portable"), "avx2": ("avx2", "avx512", "portable"),
-                   "portable": ("portable", "avx2", "avx512")}
+_NEAREST_LEVELS = {
+    "avx512_bf16": ("avx512_bf16", "avx512", "avx2", "portable"),
+    "avx512": ("avx512", "avx512_bf16", "avx2", "portable"),
+    "avx2": ("avx2", "avx512", "avx512_bf16", "portable"),
+    "portable": ("portable", "avx2", "avx512", "avx512_bf16"),
+}
+"""Each section, then the sections tried for a pair it lacks, nearest first."""
 
 
 @cache
@@ -46,9 +52,9 @@ def crossover_table(path: Path = CROSSOVER_TABLE) -> dict[str, Any]:
 
 def crossover_rows(small: str, large: str, isa: str, table: dict[str, Any] | None = None) -> int:
     """Rows up to which kernel ``small`` runs a batch rather than kernel ``large`` on a CPU of
-    level ``isa``: that level's measurement, else the nearest level's. KeyError for a pair
-    measured nowhere, which is a bug of the caller's (every pair the builder makes is in the
-    table; tests/test_layers.py checks)."""
+    table section ``isa`` (CpuFeatures.crossover_section): that section's measurement, else the
+    nearest section's. KeyError for a pair measured nowhere, which is a bug of the caller's
+    (every pair the builder makes is in the table; tests/test_layers.py checks)."""
     table = crossover_table() if table is None else table
     for level in _NEAREST_LEVELS[isa]:
         rows = table.get(level, {}).get("rows", {}).get(small, {}).get(large)
