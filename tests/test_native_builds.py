@@ -19,7 +19,10 @@ from pdserve.engine.native_kernels import (
     BuildFailure,
     NativeKernels,
     build_best,
+    build_directory,
+    cflags,
     compile_check,
+    load_native_kernels,
 )
 
 # Flags lines as the two CPUs this project runs on print them (trimmed to the ones that matter).
@@ -105,3 +108,21 @@ def test_pdserve_env_names_the_path_of_every_op() -> None:
     refused = run_env("sse9")
     assert refused.returncode == 2 and "unknown kernel ISA 'sse9'" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_build_killed_mid_way_never_blocks_the_next_process() -> None:
+    """torch's cpp_extension marks a build in progress with a ``lock`` file, and a later build
+    of the same directory waits for it to go: forever, when its builder was killed (seen in
+    CI-like runs: workers hung at start-up). pdserve holds an flock instead and clears it."""
+    cpu = cpu_features()
+    level = ISA_LEVELS[cpu.isa_levels()[0]]
+    load_native_kernels()  # built, so that the next process only loads
+    directory = build_directory(envs.cache_dir(), "rms_norm", level.name, cflags(cpu, level))
+    (directory / "lock").write_text("")  # what a killed build leaves
+    done = subprocess.run(
+        [sys.executable, "-c", "from pdserve.engine.native_kernels import load_native_kernels as load; "
+         "assert load() is not None"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (directory / "lock").exists()

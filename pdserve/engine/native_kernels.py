@@ -41,6 +41,8 @@ and the engine on the torch path for them, with a warning that quotes the compil
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -49,7 +51,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,11 +176,28 @@ def _build(source: str, level: IsaLevel, cpu: CpuFeatures, cache_root: Path) -> 
     flags = cflags(cpu, level)
     directory = build_directory(cache_root, source, isa, flags)
     directory.mkdir(parents=True, exist_ok=True)
-    load(name=f"pdserve_{source}_{isa}", sources=[str(NATIVE_DIRECTORY / f"{source}.cpp")],
-         extra_cflags=list(flags), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
-         is_python_module=False, verbose=False)
+    with _exclusive(directory / "pdserve.lock"):
+        # torch's own ``lock`` file marks a build in progress and makes every later build wait
+        # for it to go, forever if its builder was killed. Holding the flock, no other pdserve
+        # process builds here, so a ``lock`` left now is such a remnant.
+        (directory / "lock").unlink(missing_ok=True)
+        load(name=f"pdserve_{source}_{isa}", sources=[str(NATIVE_DIRECTORY / f"{source}.cpp")],
+             extra_cflags=list(flags), extra_ldflags=list(LDFLAGS), build_directory=str(directory),
+             is_python_module=False, verbose=False)
     path = getattr(getattr(torch.ops, f"pdserve_{isa}"), f"{source}_path")()
     return SourceBuild(source, isa, str(path))
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path``: released by the kernel when its holder dies, unlike a file
+    whose existence is the lock."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _compiler_lines(error: BaseException) -> str:
