@@ -72,9 +72,10 @@ def test_kv_transfer_options_reach_workers_and_router() -> None:
     from pdserve.cli import _build_parser
     from pdserve.serving.cli_args import KV_CODECS, router_config_from_args
     from pdserve.serving.serve import worker_argv
+    from pdserve.transfer.codec_choice import AUTO
     from pdserve.transfer.codecs import CODEC_NAMES
 
-    assert KV_CODECS == CODEC_NAMES
+    assert (*CODEC_NAMES, AUTO) == KV_CODECS
     args = _build_parser().parse_args(["serve", "--kv-backend", "tcp", "--kv-codec", "int8", "--no-kv-pipeline"])
     argv = worker_argv(args, "decode", 8102, "1", "model.gguf", "dense")
     assert argv[argv.index("--kv-backend") + 1] == "tcp" and argv[argv.index("--kv-codec") + 1] == "int8"

@@ -35,6 +35,7 @@ class Cluster:
             "unpipelined": Process(log_dir, "unpipelined", *base, "--kv-backend", "tcp", "--no-kv-pipeline"),
             "shm": Process(log_dir, "shm", *base, "--kv-backend", "shm"),
             "int8": Process(log_dir, "int8", *base, "--kv-backend", "tcp", "--kv-codec", "int8"),
+            "auto": Process(log_dir, "auto", *base, "--kv-backend", "tcp", "--kv-codec", "auto"),
         }
         for router in self.routers.values():
             router.wait_ready(30)
@@ -113,3 +114,16 @@ def test_int8_moves_about_a_quarter_of_float32_kv_and_answers_sanely(cluster: Cl
     assert raw > 0 and 0.2 < encoded / raw < 0.3, (raw, encoded)
     assert compressed.split()[:1] == plain.split()[:1], (plain, compressed)  # first token: sampled before encoding
     assert compressed.isprintable() or "\n" in compressed
+
+
+def test_auto_keeps_kv_raw_on_a_link_that_keeps_up(cluster: Cluster, checkpoint: Checkpoint) -> None:
+    """Loopback outruns any prefill: auto sends every layer raw, so greedy parity holds, and the
+    prefill worker's metrics say which codec each layer took and why."""
+    auto_layers = 'pdserve_kv_auto_codec_layers_total{codec="none",reason="%s"}'
+    prompt = unique_long_prompt("auto")
+    before = scrape(cluster.prefill.url)
+    assert cluster.complete("auto", prompt) == cluster.complete("pipelined", prompt)
+    after = scrape(cluster.prefill.url)
+    raw = sum(delta(before, after, auto_layers % reason) for reason in ("link_keeps_up", "measuring", "fast_link"))
+    assert raw >= 30, "every layer of the auto pull, raw"
+    assert not any(delta(before, after, name) for name in after if 'codec="int8"' in name), "nothing compressed"

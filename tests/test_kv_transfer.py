@@ -206,6 +206,42 @@ def test_every_codec_transfers_and_decodes(
     assert tokens[0] == local_tokens[0]  # the first token was sampled before any compression
 
 
+def _auto_layers(worker: Worker) -> dict[tuple[str, str], float]:
+    """The sender's count of layers sent under codec auto, by (codec, reason)."""
+    metric = worker.service.connector.metrics.auto_codec_layers
+    return {(s.labels["codec"], s.labels["reason"]): s.value
+            for family in metric.collect() for s in family.samples if s.name.endswith("_total")}
+
+
+def _pipelined_auto_pull(sender: Worker, receiver: Worker, request_id: str, prompt: str, address: str) -> list[dict]:
+    prefill(sender, request_id, prompt, pipelined=True)
+    receiver.generate(request_id, prompt, PARAMS, kv={
+        "mode": "pull", "address": address, "codec": "auto", "on_failure": "fail", "server": sender.kv_address,
+    })
+    (prefilled,) = sender.wait_finished(request_id)
+    assert prefilled["event"] == "prefilled", prefilled
+    return receiver.wait_finished(request_id)
+
+
+def test_auto_codec_compresses_while_a_slow_link_holds_layers_back(sender: Worker, receiver: Worker) -> None:
+    prompt = long_prompt()[:4000]  # ~900 tokens: ~41 MB of float32 KV, ~2 s raw at 20 MB/s
+    before = _auto_layers(sender)
+    host, port = sender.kv_address.rsplit(":", 1)
+    with FaultProxy((host, int(port))) as proxy:
+        proxy.set_fault(Fault.rate(20_000_000, direction=Direction.SERVER_TO_CLIENT))
+        events = _pipelined_auto_pull(sender, receiver, "auto-slow", prompt, f"{proxy.address[0]}:{proxy.address[1]}")
+    received = events[0]
+    assert received["event"] == "kv_received" and not failures(events), received
+    # Raw while the link was measured, int8 once it showed it could not keep up.
+    assert received["codec"] == "int8+none"
+    num_tokens = events[-1]["num_prompt_tokens"]
+    raw_bytes = num_tokens * receiver.engine.kv_pool.layout.bytes_per_block // receiver.engine.kv_pool.layout.block_size
+    assert received["num_bytes"] < 0.6 * raw_bytes, (received["num_bytes"], raw_bytes)
+    sent = {key: value - before.get(key, 0) for key, value in _auto_layers(sender).items()}
+    assert sent.get(("int8", "slow_link"), 0) > 0 and sent.get(("none", "measuring"), 0) > 0, sent
+    assert len(token_ids(events)) == PARAMS["max_tokens"]
+
+
 def test_incompatible_kv_is_rejected_naming_the_field(checkpoint: Checkpoint, sender: Worker) -> None:
     other = Worker(checkpoint, FAST_FAIL, CacheConfig(memory_bytes=32 << 20, block_size=32))
     try:

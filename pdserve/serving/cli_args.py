@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from pdserve.serving.router import RouterConfig
 
 ROLES = ("prefill", "decode", "both")
-KV_CODECS = ("none", "fp16", "bf16", "int8", "fp8")
-"""transfer/codecs.py's CODEC_NAMES, spelled out: importing it would import torch (a test keeps them equal)."""
+KV_CODECS = ("none", "fp16", "bf16", "int8", "fp8", "auto")
+"""transfer/codecs.py's CODEC_NAMES and codec_choice.py's AUTO, spelled out: importing them would
+import torch (a test keeps them equal)."""
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-codec", choices=KV_CODECS, default="none",
                         help="how KV this worker pulls over tcp is encoded on the wire, unless the router asks for "
                         "another: int8 and fp8 move ~1/4 of float32 KV's bytes (~1/2 of bf16's) and are lossy; "
-                        "shm copies raw KV whatever this says (default: none)")
+                        "auto: the sender sends each layer raw while the link keeps up with the prefill and int8 "
+                        "while a slow link holds layers back; shm copies raw KV whatever this says (default: none)")
     parser.add_argument("--kv-host", default="127.0.0.1", help="KV server address (off loopback needs --kv-secret)")
     parser.add_argument("--kv-port", type=int, default=0, help="KV server port (default: any free port)")
     parser.add_argument("--kv-secret", default=os.environ.get("PDSERVE_KV_SECRET"),
@@ -149,7 +151,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how decode workers pull KV: shm copies it out of the prefill worker's pool (this "
                         "host only), tcp streams it over loopback like across hosts (default: shm)")
     parser.add_argument("--kv-codec", choices=KV_CODECS, default="none",
-                        help="how KV is encoded over tcp (int8, fp8: ~1/4 of float32's bytes, lossy); needs "
-                        "--kv-backend tcp (default: none)")
+                        help="how KV is encoded over tcp (int8, fp8: ~1/4 of float32's bytes, lossy; auto: int8 "
+                        "only while a slow link holds layers back); needs --kv-backend tcp (default: none)")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for the workers")
     add_policy_arguments(parser)

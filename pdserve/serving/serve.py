@@ -42,7 +42,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging("router", args.log_level, json_lines=not args.plain_logs)
     try:
         router_config_from_args(args)  # bad options fail now, before any worker starts
-        if args.kv_codec != "none" and args.kv_backend == "shm":
+        if args.kv_codec not in ("none", "auto") and args.kv_backend == "shm":
             raise ValueError(f"--kv-codec {args.kv_codec} needs --kv-backend tcp: shm copies raw KV, no codec")
     except ValueError as error:
         log(f"error: {error}")

@@ -15,7 +15,8 @@ class TransferConfig:
     port: int = 0
     """0 picks a free port."""
     codec: str = "none"
-    """Default compression for streamed KV: none, fp16, bf16, int8, fp8 (a pull may ask for another)."""
+    """Default compression for streamed KV: none, fp16, bf16, int8, fp8, or auto (int8 only while
+    a slow link holds layers back, codec_choice.py); a pull may ask for another."""
     secret: str | None = None
     """Shared secret; when set, every pull must prove it (HMAC over a server nonce)."""
     lease_ttl: float = 10.0

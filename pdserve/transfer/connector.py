@@ -84,7 +84,8 @@ class PullTarget:
     received_bytes: int = 0
     """Payload bytes that arrived, set before ``commit`` is called."""
     received_codec: str = "none"
-    """The codec they travelled in ("none" for raw KV and shared-memory copies), set with them."""
+    """The codec they travelled in ("none" for raw KV and shared-memory copies; under ``auto``,
+    the codecs of its layers joined by "+", e.g. "none+int8"), set with them."""
     _aborted: threading.Event = field(default_factory=threading.Event)
     _socket: socket.socket | None = None
 
@@ -186,8 +187,9 @@ class KVConnector(ABC):
             header = HandoffHeader.from_json(head.meta["header"])
             block_table = _reserve(target, header)
             reserved = True
-            num_bytes, first_tokens = self._receive(sock, head, header, block_table, target, deadline)
-            codec = str(head.meta.get("codec") or "none")
+            bytes_by_codec, first_tokens = self._receive(sock, head, header, block_table, target, deadline)
+            num_bytes = sum(bytes_by_codec.values())
+            codec = "+".join(sorted(bytes_by_codec)) or "none"
             target.received_bytes, target.received_codec = num_bytes, codec
             target.commit(first_tokens)
             reserved = False
@@ -211,7 +213,7 @@ class KVConnector(ABC):
             if sock is not None:
                 sock.close()
         seconds = time.monotonic() - started
-        self.metrics.record_success("receive", num_bytes, seconds, codec)
+        self.metrics.record_success("receive", bytes_by_codec, seconds)
         return PullResult(header, num_bytes, seconds, codec)
 
     def close(self) -> None:
@@ -235,8 +237,9 @@ class KVConnector(ABC):
         block_table: list[int],
         target: PullTarget,
         deadline: Deadline,
-    ) -> int:
-        """Move the KV into ``block_table``; returns payload bytes. The DONE frame is read after."""
+    ) -> dict[str, int]:
+        """Move the KV into ``block_table``; returns the payload bytes by the codec they travelled
+        in. The DONE frame is read after."""
 
     # -- internals -------------------------------------------------------------------------
 
@@ -267,11 +270,11 @@ class KVConnector(ABC):
         block_table: list[int],
         target: PullTarget,
         deadline: Deadline,
-    ) -> tuple[int, list[SampledToken]]:
-        num_bytes = self._receive_data(sock, head, header, block_table, target, deadline)
+    ) -> tuple[dict[str, int], list[SampledToken]]:
+        bytes_by_codec = self._receive_data(sock, head, header, block_table, target, deadline)
         done = expect(recv_frame(sock, deadline), Kind.DONE)
         first_tokens = [sampled_token_from_json(t) for t in done.meta.get("first_tokens", [])]
-        return num_bytes, first_tokens
+        return bytes_by_codec, first_tokens
 
     def _fail(self, sock: socket.socket | None, target: PullTarget, reserved: bool, error: TransferError) -> None:
         if reserved:

@@ -38,6 +38,11 @@ class TransferMetrics:
             "pdserve_kv_transfer_early_bytes", "Payload bytes sent while the prefill still ran (pipelined tcp)",
             registry=r,
         )
+        # What --kv-codec auto chose for each layer it sent, and why (transfer/codec_choice.py).
+        self.auto_codec_layers = Counter(
+            "pdserve_kv_auto_codec_layers", "Layers a KV server sent under codec auto, by the codec and the reason",
+            ["codec", "reason"], registry=r,
+        )
         self.duration = Histogram(
             "pdserve_kv_transfer_seconds", "Wall time of a KV transfer", ["direction"],
             buckets=_DURATION_BUCKETS, registry=r,
@@ -53,10 +58,12 @@ class TransferMetrics:
             "pdserve_kv_blocks_held_for_transfer", "KV blocks kept alive for a transfer", registry=r
         )
 
-    def record_success(self, direction: str, num_bytes: int, seconds: float, codec: str = "none") -> None:
-        """``codec``: what the bytes travelled in ("none" for raw KV, also shared-memory copies)."""
+    def record_success(self, direction: str, bytes_by_codec: dict[str, int], seconds: float) -> None:
+        """``bytes_by_codec``: payload bytes by what they travelled in ("none" for raw KV, also
+        shared-memory copies); an ``auto`` transfer may mix codecs."""
         self.completed.labels(direction).inc()
-        self.bytes.labels(direction, codec).inc(num_bytes)
+        for codec, num_bytes in bytes_by_codec.items():
+            self.bytes.labels(direction, codec).inc(num_bytes)
         self.duration.labels(direction).observe(seconds)
         if seconds > 0:
-            self.bandwidth.labels(direction).observe(num_bytes / seconds / 1e9)
+            self.bandwidth.labels(direction).observe(sum(bytes_by_codec.values()) / seconds / 1e9)

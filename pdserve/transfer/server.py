@@ -25,7 +25,7 @@ import torch
 from pdserve.engine.handoff import PROTOCOL_VERSION, sampled_token_to_json
 from pdserve.engine.kv_cache import KVLayout
 from pdserve.transfer.auth import new_nonce, prove_pull, prove_server, verify
-from pdserve.transfer.codecs import KVCodec, get_codec
+from pdserve.transfer.codec_choice import AUTO, CodecPolicy, codec_policy
 from pdserve.transfer.config import TransferConfig
 from pdserve.transfer.errors import FailureReason, TransferError
 from pdserve.transfer.metrics import TransferMetrics
@@ -160,12 +160,13 @@ class KVServer:
             self.metrics.started.labels("send").inc()
             if not offer.is_ready:
                 self.metrics.early.labels("send").inc()
-            num_bytes, codec = self._send(sock, offer, str(pull.meta.get("data", "stream")), pull.meta, deadline)
+            bytes_by_codec = self._send(sock, offer, str(pull.meta.get("data", "stream")), pull.meta, deadline)
             expect(recv_frame(sock, deadline, max_meta=CONTROL_META_BYTES, max_body=0), Kind.ACK)
             self.offers.end(kv_cache_id, by_server=True)
             seconds = time.monotonic() - started
-            self.metrics.record_success("send", num_bytes, seconds, codec)
-            log.info("KV sent", extra={"request_id": kv_cache_id, "bytes": num_bytes, "seconds": round(seconds, 4)})
+            self.metrics.record_success("send", bytes_by_codec, seconds)
+            log.info("KV sent", extra={"request_id": kv_cache_id, "bytes": sum(bytes_by_codec.values()),
+                                       "codecs": bytes_by_codec, "seconds": round(seconds, 4)})
         except TransferError as error:
             send_error(sock, error.reason, error.detail)
             if error.reason is FailureReason.ABORTED:
@@ -207,8 +208,8 @@ class KVServer:
 
     def _send(
         self, sock: socket.socket, offer: KVOffer, mode: str, request: dict, deadline: Deadline
-    ) -> tuple[int, str]:
-        """Serve one claimed offer; returns (payload bytes, the codec they travelled in)."""
+    ) -> dict[str, int]:
+        """Serve one claimed offer; returns the payload bytes sent, by the codec they travelled in."""
         if mode == "shm":
             if self.source.shm_name is None:
                 raise TransferError(
@@ -229,21 +230,21 @@ class KVServer:
                 deadline=deadline,
             )
             send_frame(sock, Kind.DONE, _done_meta(offer), deadline=deadline)
-            return offer.header.num_tokens * _bytes_per_token(self.source.layout), "none"
+            return {"none": offer.header.num_tokens * _bytes_per_token(self.source.layout)}
         if mode != "stream":
             raise TransferError(FailureReason.PROTOCOL, f"unknown data mode {mode!r}")
         try:
-            codec = get_codec(str(request.get("codec") or self.config.codec))
+            policy = codec_policy(str(request.get("codec") or self.config.codec))
         except ValueError as error:
             raise TransferError(FailureReason.PROTOCOL, str(error)) from None
         if not offer.pipelined:
             self._await_ready(sock, offer, deadline)
         send_frame(
             sock, Kind.HEADER,
-            {"header": offer.header.to_json(), "data": "stream", "codec": codec.name, **self._answer(offer, request)},
+            {"header": offer.header.to_json(), "data": "stream", "codec": policy.name, **self._answer(offer, request)},
             deadline=deadline,
         )
-        return self._stream(sock, offer, codec, deadline), codec.name
+        return self._stream(sock, offer, policy, deadline)
 
     def _answer(self, offer: KVOffer, pull: dict) -> dict:
         """The server's proof over the receiver's nonce, so that the receiver knows whom it got
@@ -252,8 +253,11 @@ class KVServer:
             return {}
         return {"auth": prove_server(self.config.secret, str(pull.get("nonce")), offer.kv_cache_id)}
 
-    def _stream(self, sock: socket.socket, offer: KVOffer, codec: KVCodec, deadline: Deadline) -> int:
+    def _stream(
+        self, sock: socket.socket, offer: KVOffer, policy: CodecPolicy, deadline: Deadline
+    ) -> dict[str, int]:
         """Send every layer's KV: captured segments while the prefill runs, the rest once held.
+        Returns the bytes sent by codec.
 
         Segments must extend what was sent for their layer; one that leaves a gap (a prefix the
         prefill took from its cache, so no layer callback ever saw it) is skipped and the range
@@ -261,7 +265,7 @@ class KVServer:
         """
         num_layers = self.source.layout.num_layers
         sent_upto = [0] * num_layers
-        num_bytes = 0
+        bytes_by_codec: dict[str, int] = {}
         seen = 0
         while not offer.is_ready:
             if not self.offers.wait(offer, seen, self._keep_alive_interval(deadline)):
@@ -273,10 +277,12 @@ class KVServer:
                 skip = sent_upto[segment.layer] - segment.start
                 if skip < 0 or segment.end <= sent_upto[segment.layer]:
                     continue
-                kv = segment.kv[:, skip:]
-                num_bytes += self._send_layer(sock, codec, segment.layer, sent_upto[segment.layer], kv, deadline)
+                # Behind: a later layer is already waiting for the link, or the prefill ended.
+                behind = segment is not offer.segments[-1] or offer.is_ready
+                self._send_layer(sock, policy, behind, segment.layer, sent_upto[segment.layer],
+                                 segment.kv[:, skip:], bytes_by_codec, deadline)
                 sent_upto[segment.layer] = segment.end
-        self.metrics.early_bytes.inc(num_bytes)
+        self.metrics.early_bytes.inc(sum(bytes_by_codec.values()))
         _raise_if_ended(offer)
         assert offer.held is not None
         num_tokens = offer.header.num_tokens
@@ -287,18 +293,26 @@ class KVServer:
             for layer, kv in zip(
                 layers, self.source.read_layers(offer.held.block_table, start, num_tokens, layers), strict=True
             ):
-                num_bytes += self._send_layer(sock, codec, layer, start, kv, deadline)
+                self._send_layer(sock, policy, True, layer, start, kv, bytes_by_codec, deadline)
                 _raise_if_ended(offer)  # withdrawn: what was read may be stale, so never say DONE
         send_frame(sock, Kind.DONE, _done_meta(offer), deadline=deadline)
-        return num_bytes
+        return bytes_by_codec
 
     def _send_layer(
-        self, sock: socket.socket, codec: KVCodec, layer: int, start: int, kv: torch.Tensor, deadline: Deadline
-    ) -> int:
-        parts = [as_buffer(part) for part in codec.encode(kv)]
-        meta = {"layer": layer, "start": start, "end": start + int(kv.shape[1]), "parts": [p.nbytes for p in parts]}
+        self, sock: socket.socket, policy: CodecPolicy, behind: bool, layer: int, start: int, kv: torch.Tensor,
+        bytes_by_codec: dict[str, int], deadline: Deadline,
+    ) -> None:
+        choice = policy.choose(behind)
+        if policy.name == AUTO:
+            self.metrics.auto_codec_layers.labels(choice.codec.name, choice.reason).inc()
+        parts = [as_buffer(part) for part in choice.codec.encode(kv)]
+        num_bytes = sum(p.nbytes for p in parts)
+        meta = {"layer": layer, "start": start, "end": start + int(kv.shape[1]), "parts": [p.nbytes for p in parts],
+                "codec": choice.codec.name}
+        started = time.monotonic()
         send_frame(sock, Kind.LAYER, meta, parts, deadline=deadline)
-        return sum(p.nbytes for p in parts)
+        policy.sent(num_bytes, time.monotonic() - started, behind)
+        bytes_by_codec[choice.codec.name] = bytes_by_codec.get(choice.codec.name, 0) + num_bytes
 
     def _await_ready(self, sock: socket.socket, offer: KVOffer, deadline: Deadline) -> None:
         while not offer.is_ready:

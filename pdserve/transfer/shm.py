@@ -45,7 +45,7 @@ class ShmConnector(KVConnector):
         block_table: list[int],
         target: PullTarget,
         deadline: Deadline,
-    ) -> int:
+    ) -> dict[str, int]:
         if target.pool is None:
             raise TransferError(FailureReason.PROTOCOL, "the shm connector needs the receiving pool")
         self._peer_pools.detach_dead()
@@ -70,7 +70,7 @@ class ShmConnector(KVConnector):
                 destination[:, :, destination_start : destination_start + length].copy_(
                     source_pool[:, :, source_start : source_start + length]
                 )
-        return num_blocks * self.layout.bytes_per_block
+        return {"none": num_blocks * self.layout.bytes_per_block}
 
     def _fail(self, sock: socket.socket | None, target: PullTarget, reserved: bool, error: TransferError) -> None:
         super()._fail(sock, target, reserved, error)

@@ -11,6 +11,7 @@ import socket
 from typing import ClassVar
 
 from pdserve.engine.handoff import HandoffHeader
+from pdserve.transfer.codec_choice import AUTO
 from pdserve.transfer.codecs import get_codec
 from pdserve.transfer.connector import KVConnector, PullTarget
 from pdserve.transfer.errors import FailureReason, TransferError
@@ -29,11 +30,13 @@ class TcpConnector(KVConnector):
         block_table: list[int],
         target: PullTarget,
         deadline: Deadline,
-    ) -> int:
-        codec = get_codec(str(head.meta.get("codec", "none")))
+    ) -> dict[str, int]:
+        stream_codec = str(head.meta.get("codec", "none"))
+        # Under auto each frame names its codec; else every frame is in the header's.
+        codec = None if stream_codec == AUTO else get_codec(stream_codec)
         layout = self.layout
         received_upto = [0] * layout.num_layers
-        num_bytes = 0
+        bytes_by_codec: dict[str, int] = {}
         while min(received_upto) < header.num_tokens:
             frame = expect(recv_frame_skipping_waits(sock, deadline), Kind.LAYER)
             layer, start, end = int(frame.meta["layer"]), int(frame.meta["start"]), int(frame.meta["end"])
@@ -47,11 +50,12 @@ class TcpConnector(KVConnector):
                 )
             shape = (2, end - start, layout.num_kv_heads, layout.head_dim)
             # The frame's buffer is this iteration's alone, so the decoded KV may alias it.
-            kv = codec.decode(_split(frame.body, frame.meta["parts"]), shape, layout.dtype, may_alias=True)
+            frame_codec = codec or get_codec(str(frame.meta.get("codec")))
+            kv = frame_codec.decode(_split(frame.body, frame.meta["parts"]), shape, layout.dtype, may_alias=True)
             target.write(block_table, layer, start, kv)
             received_upto[layer] = max(received_upto[layer], end)
-            num_bytes += frame.body.nbytes
-        return num_bytes
+            bytes_by_codec[frame_codec.name] = bytes_by_codec.get(frame_codec.name, 0) + frame.body.nbytes
+        return bytes_by_codec
 
 
 def _split(body: memoryview, sizes: list[int]) -> list[memoryview]:
