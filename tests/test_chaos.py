@@ -2,7 +2,9 @@
 random moment while 16 greedy streams run (pdserve/bench/chaos.py does the work).
 
 Every client must end with its whole, correct answer (the greedy text it gets unloaded) or an
-explicit error, before its deadline: never a silently short or wrong answer, never a hang. The
+explicit error, before its deadline: never a silently short or wrong answer, never a hang. A
+worker's death costs no answer at all: a prefill worker's is recomputed, and the streams of a
+decode worker resume on another (serving/resumption.py); only a router's death errors. The
 survivors leak no KV blocks; a killed router takes its workers with it and they leave no KV pool
 behind; once the last `serve` exits no shared-memory KV pool is left, not even the killed
 processes'. Three rounds, one kill of each kind, within the suite's time budget.
@@ -35,11 +37,10 @@ def test_kill_9_under_load_never_cuts_an_answer_silently() -> None:
     print(f"chaos:\n{report.to_markdown()}")
     assert report.kills == {kind: 1 for kind in KINDS}
     assert report.outcomes["complete"] + report.outcomes["error"] == len(KINDS) * STREAMS, report.outcomes
-    # A router kill errors every stream in flight, by design. Of the worker kills, errors are for
-    # the streams on a killed decode worker only (half of them at most, with two decode workers);
-    # a prefill worker's death is recomputed. A server failing everything fails.
-    worker_rounds = [r for r in report.rounds if r.kind != "router"]
-    assert sum(r.outcomes["complete"] for r in worker_rounds) >= len(worker_rounds) * STREAMS // 2, report.outcomes
+    # A router kill errors every stream in flight, by design. A worker kill errors none: a prefill
+    # worker's death is recomputed, a decode worker's streams resume on the other decode worker.
+    for worker_round in (r for r in report.rounds if r.kind != "router"):
+        assert worker_round.outcomes["complete"] == STREAMS, worker_round
     # Every KV pool is gone: the live workers unlinked theirs at exit, the restarted ones removed
     # the killed workers' at start, and a killed router's workers unlinked theirs on their way out.
     assert report.final_orphans == [] and report.leftover_segments == [], report

@@ -161,6 +161,35 @@ def test_streamed_text_never_splits_a_character(llm: LLM) -> None:
     assert all(later.startswith(earlier) for earlier, later in zip(seen, seen[1:], strict=False))
 
 
+def _run_alone(llm: LLM, params: SamplingParams, resume: list[int]) -> tuple[list[int], str, str | None]:
+    engine = llm.engine
+    request_id = engine.add_request(PROMPT, params, resume=resume)
+    final = None
+    while engine.has_unfinished_requests():
+        final = next((o for o in engine.step() if o.request_id == request_id and o.finished), final)
+    assert final is not None
+    (choice,) = final.outputs
+    return choice.token_ids, choice.text, choice.finish_reason
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=30, ignore_eos=True),
+    SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.9, top_p=0.95, seed=77, repetition_penalty=1.3),
+], ids=["greedy", "seeded"])
+def test_a_resumed_request_continues_exactly(llm: LLM, params: SamplingParams) -> None:
+    """What a decode worker does for a stream whose worker died: the first 10 tokens given, it
+    draws the same 20 after them (same seed, positions and penalties), and reports all 30."""
+    whole = _run_alone(llm, params, [])
+    assert len(whole[0]) == 30 and whole[2] == "length"
+    assert _run_alone(llm, params, whole[0][:10]) == whole
+    assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks
+    with pytest.raises(ValueError, match="no room"):
+        llm.engine.add_request(PROMPT, params, resume=whole[0])
+    with pytest.raises(ValueError, match="n=1"):
+        llm.engine.add_request(PROMPT, replace(params, n=2), resume=whole[0][:3])
+    assert llm.engine.request_ids() == []
+
+
 def test_abort_frees_blocks_at_once(llm: LLM) -> None:
     engine = llm.engine
     free_before = engine.stats().num_free_blocks

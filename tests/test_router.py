@@ -339,12 +339,19 @@ def test_no_prefill_runs_when_no_decode_worker_has_kv_room(workers: Workers) -> 
     assert client(router).completions.create(model=model(router), prompt="Hi", max_tokens=2).choices
 
 
-def test_with_no_decode_worker_the_router_says_so_with_503_and_retry_after(workers: Workers) -> None:
+def test_with_no_decode_worker_a_prefill_worker_decodes(workers: Workers) -> None:
+    """Roles are a preference, not a wall: every worker holds the whole model."""
     router = workers.router(decode=False)
-    with pytest.raises(openai.APIStatusError) as refused:
-        client(router).completions.create(model=model(router), prompt="Hi", max_tokens=2)
-    assert refused.value.status_code == 503 and "no decode worker" in refused.value.message
-    assert refused.value.response.headers["retry-after"] == "5"
+    prompt = f"{SYSTEM} Where is Rome?"
+    expected = client(workers.router()).completions.create(model=model(router), prompt=prompt, **GREEDY)
+    answer = client(router).completions.create(model=model(router), prompt=prompt, **GREEDY)
+    assert answer.choices[0].text == expected.choices[0].text and answer.choices[0].finish_reason == "length"
+    assert metric(router, "pdserve_router_degraded_total", 'how="decode_on_prefill_worker"') == 1
+    assert httpx.get(f"{router.url}/health").status_code == 200
+
+
+def test_with_no_worker_at_all_the_router_is_unhealthy(workers: Workers) -> None:
+    router = workers.router(prefill=[], decode=False)
     assert httpx.get(f"{router.url}/health").status_code == 503
 
 

@@ -1,5 +1,5 @@
 """Workers dying under `pdserve serve` (one prefill and two decode workers sharing the cores):
-streams end cleanly, later requests still complete, and live workers leak no KV."""
+streams go on, later requests still complete, and live workers leak no KV."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import openai
 import psutil
 import pytest
 from test_serving import WORKER_AUTH, Server
@@ -62,25 +61,37 @@ def assert_no_leaks(urls: list[str]) -> None:
         assert idle, f"{url} leaked: {state}"
 
 
-def test_a_decode_worker_killed_mid_stream(server: Server) -> None:
+def test_a_decode_worker_killed_mid_stream_goes_on_on_the_other(server: Server) -> None:
+    """The stream resumes on the surviving decode worker (serving/resumption.py) and ends whole.
+    Its text is not compared: these decode workers are int4 and their prefill worker dense, so
+    the resumed worker's KV for the prompt is not the one the dead worker had (that exactness is
+    tests/test_stream_resumption.py's, on workers of one format)."""
     expected = complete(server)
     decode_urls = roles(server)["decode"]
     stream = server.client.completions.create(
-        model=server.model, prompt=PROMPT, max_tokens=400, temperature=0, stream=True,
-        extra_body={"ignore_eos": True},
+        model=server.model, prompt=PROMPT, max_tokens=48, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )
     received = ""
     chunks = iter(stream)
     for _ in range(3):
         received += next(chunks).choices[0].text
+    assert expected.startswith(received), (expected, received)
     busy = [u for u in decode_urls if httpx.get(f"{u}/load", headers=WORKER_AUTH).json()["num_running"] > 0]
     assert len(busy) == 1, busy
     os.kill(worker_pid(server, busy[0]), signal.SIGKILL)
     started = time.monotonic()
-    with pytest.raises(openai.APIError):  # the stream ends with an error, not a hang
-        for chunk in chunks:
-            received += chunk.choices[0].text if chunk.choices else ""
+    finish, tokens = None, None
+    for chunk in chunks:
+        if chunk.choices:
+            received += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    assert finish == "length" and tokens == 48, (finish, tokens, received)
     assert time.monotonic() - started < 30
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'pdserve_router_degraded_total{how="decode_resumed"} 1.0' in metrics
     # New requests go to the surviving decode worker and give the same answer.
     for _ in range(3):
         assert complete(server) == expected

@@ -137,7 +137,23 @@ def test_the_kv_ledger_reserves_prompt_plus_max_tokens_and_waits_for_room() -> N
         assert huge.blocks_for(worker, 10_000) == 10, "capped at capacity: runs alone rather than never"
         for w in workers.workers[2:]:
             w.healthy = False
-        with pytest.raises(APIError, match="no decode worker"):
+        with pytest.raises(APIError, match="no worker is available"):
             await ledger.reserve(choose, available, 1, timeout=5)
 
     asyncio.run(scenario())
+
+
+def test_roles_are_a_preference_not_a_wall() -> None:
+    workers = pool("round_robin")
+    assert workers.decoding_roles() == ("decode", "both") and workers.prefilling_roles() == ("prefill", "both")
+    for worker in workers.workers[2:]:
+        worker.healthy = False  # every decode worker down: the prefill workers decode
+    assert workers.decoding_roles() == ("prefill",)
+    assert workers.pick(*workers.decoding_roles()).role == "prefill"  # type: ignore[union-attr]
+    assert workers.max_sequence_tokens() is None  # no load reported yet, by any of them
+    workers.workers[2].healthy = True
+    assert workers.decoding_roles() == ("decode", "both")
+    for worker in workers.workers[:2]:
+        worker.breaker.threshold = 1
+        worker.breaker.record_failure()  # every prefill worker's breaker open: the decode workers prefill
+    assert workers.prefilling_roles() == ("decode",)

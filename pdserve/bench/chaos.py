@@ -21,7 +21,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
@@ -50,6 +50,9 @@ class Ask:
     temperature: float = 0.0
     seed: int | None = None
     stream: bool = True
+    logprobs: int | None = None
+    request_id: str | None = None
+    """Sent as ``X-Request-Id``, to find the request in the router's log."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,9 @@ class Answer:
     """No whole answer before the client's deadline."""
 
 
-def ask(serve: ServeProcess, request: Ask, deadline: float) -> Answer:
-    """Send ``request``; every exception the client may see becomes an ``Answer.error``."""
+def ask(serve: ServeProcess, request: Ask, deadline: float, on_chunk: Callable[[Any], None] | None = None) -> Answer:
+    """Send ``request``; every exception the client may see becomes an ``Answer.error``.
+    ``on_chunk`` sees every chunk of a stream as it arrives (progress, logprobs)."""
     client = serve.client.with_options(timeout=deadline)
     started = time.monotonic()
     text, finish, tokens = "", None, 0
@@ -73,9 +77,15 @@ def ask(serve: ServeProcess, request: Ask, deadline: float) -> Answer:
                               "temperature": request.temperature, "extra_body": {"ignore_eos": True}}
     if request.seed is not None:
         params["seed"] = request.seed
+    if request.logprobs is not None:
+        params["logprobs"] = request.logprobs
+    if request.request_id is not None:
+        params["extra_headers"] = {"X-Request-Id": request.request_id}
     try:
         if request.stream:
             for chunk in client.completions.create(**params, stream=True, stream_options={"include_usage": True}):
+                if on_chunk is not None:
+                    on_chunk(chunk)
                 if chunk.choices:
                     text += chunk.choices[0].text
                     finish = chunk.choices[0].finish_reason or finish

@@ -120,12 +120,19 @@ class LLMEngine:
         hold_kv: bool = False,
         kv_hook: KVHook | None = None,
         arrival_time: float | None = None,
+        resume: SequenceABC[int] = (),
     ) -> str:
         """Queue a request; raises ValueError for input the engine cannot serve.
 
         ``prefill_only`` requests finish after the prompt and first token(s), carrying a
         :class:`KVHandoff` (a copy of the KV) or, with ``hold_kv``, a :class:`HeldKV` whose
         blocks stay allocated until :meth:`release_kv`.
+
+        ``resume``: output tokens another engine already generated for this request (n=1), which
+        died. They are prefilled with the prompt and count as this request's output (its text,
+        max_tokens, min_tokens, stop strings, penalties), and sampling continues at position
+        ``len(resume)`` with the request's seed: the same tokens the other engine would have
+        drawn, up to the numerics of the two engines. Logprobs cover only the tokens drawn here.
         """
         if hold_kv and not prefill_only:
             raise ValueError("hold_kv applies to prefill_only requests")
@@ -133,6 +140,12 @@ class LLMEngine:
         request = self._new_request(prompt, params, request_id, prefill_only, kv_hook, arrival_time)
         request.hold_kv = hold_kv
         seq = self._new_sequence(request, 0, priority, cache_salt)
+        if resume:
+            try:
+                self._resume(request, list(resume))
+            except ValueError:
+                self._forget(request)
+                raise
         self.scheduler.add(seq)
         return request.request_id
 
@@ -231,6 +244,22 @@ class LLMEngine:
             self.block_manager.free(seq.seq_id)
             seq.num_computed_tokens = 0
             self.scheduler.add(seq)
+
+    def _resume(self, request: Request, output_ids: list[int]) -> None:
+        """Give ``request``'s only choice the output tokens it had on the engine it resumes from."""
+        params, vocab = request.params, self.architecture.vocab_size
+        if request.prefill_only or params.n != 1:
+            raise ValueError("resume applies to requests with n=1 that decode here")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in output_ids):
+            raise ValueError(f"resumed token ids must be in [0, {vocab})")
+        total = len(request.prompt_token_ids) + len(output_ids)
+        if len(output_ids) >= params.max_tokens or total >= self.max_model_len:
+            raise ValueError(f"{len(output_ids)} resumed tokens leave no room for another one")
+        (choice,) = request.choices
+        for token_id in output_ids:
+            choice.sequence.append_token(token_id)
+            choice.detokenizer.add(token_id)
+        request.metrics.first_token_time = time.monotonic()
 
     def _check_first_tokens(self, tokens: SequenceABC[SampledToken], n: int) -> None:
         """A peer's first tokens, checked before they are taken: an id outside the vocabulary
@@ -503,8 +532,9 @@ class LLMEngine:
 
     @staticmethod
     def _is_first_sample(request: Request, choice: Choice) -> bool:
-        """The prompt's first sample decides every choice's first token at once."""
-        return choice.sequence.choice_index == 0 and not request.first_tokens
+        """The prompt's first sample decides every choice's first token at once (a resumed choice
+        had its first token on another engine)."""
+        return choice.sequence.choice_index == 0 and not request.first_tokens and not choice.sequence.output_token_ids
 
     def _sampling_row(self, request: Request, choice: Choice, choice_index: int) -> SamplingRow:
         seq, params = choice.sequence, request.params

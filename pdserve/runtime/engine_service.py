@@ -149,15 +149,18 @@ class EngineService:
         cache_salt = message.get("cache_salt")
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError("cache_salt must be a string")
+        resume = message.get("resume") or []
+        if resume and mode != "local":
+            raise ValueError("resume needs kv mode local: the resumed tokens are prefilled here")
         with self._lock:
             if request_id in self._clients:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._clients[request_id] = client
         try:
             if mode == "local":
-                self.loop.call(lambda e: e.add_request(prompt, params, request_id, cache_salt=cache_salt)).result(
-                    timeout=30
-                )
+                self.loop.call(
+                    lambda e: e.add_request(prompt, params, request_id, cache_salt=cache_salt, resume=resume)
+                ).result(timeout=30)
             elif mode == "offer":
                 self._offer(
                     request_id, prompt, params, bool(kv.get("pipelined", False)), bool(kv.get("announce", False)),
@@ -173,7 +176,7 @@ class EngineService:
             raise
         log.info("admitted", extra={
             "request_id": request_id, "mode": mode, "max_tokens": params.max_tokens,
-            "prompt_tokens": len(prompt) if isinstance(prompt, list) else None,
+            "prompt_tokens": len(prompt) if isinstance(prompt, list) else None, "resumed_tokens": len(resume),
         })
         return {"request_id": request_id}
 

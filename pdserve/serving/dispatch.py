@@ -6,6 +6,9 @@ Degrades instead of failing:
 - a prompt whose uncached part is at most ``local_prefill_tokens``: the decode worker prefills
   it itself, and no transfer happens (the prefix index says what its cache probably holds);
 - a decode worker that fails before any token was streamed: another one takes the request;
+- one that fails after tokens were streamed: another one resumes the stream where it stopped
+  (serving/resumption.py), with no gap or repeat for the client;
+- no decode worker up at all: a prefill worker decodes (roles are a preference, worker_pool.py);
 - repeated KV transfer failures from one prefill worker (``kv_failed`` events) or failures of a
   worker open that worker's circuit breaker, and requests go elsewhere until a probe succeeds.
 
@@ -32,8 +35,9 @@ from pdserve.engine.block_manager import BlockHash, hash_full_blocks
 from pdserve.serving.errors import APIError
 from pdserve.serving.kv_ledger import KVLedger
 from pdserve.serving.pipelined_prefill import PipelinedPrefill
+from pdserve.serving.resumption import RequestFailed, Resumption, is_whole, resumable
 from pdserve.serving.worker_events import worker_events
-from pdserve.serving.worker_pool import Worker, WorkerPool
+from pdserve.serving.worker_pool import ROLES, Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +107,11 @@ class Dispatcher:
         num_tokens = request.reserve_tokens
         owner = request.request_id
         decode, blocks = await self.ledger.reserve(
-            lambda fits: pool.pick("decode", "both", fits=fits, owner=owner), lambda: pool.available("decode", "both"),
+            lambda fits: pool.pick(*pool.decoding_roles(), fits=fits, owner=owner), lambda: pool.available(*ROLES),
             num_tokens, self.config.queue_timeout,
         )
+        if decode.role == "prefill":
+            self.on_degraded("decode_on_prefill_worker")
         follower: PipelinedPrefill | None = None
         """Reads a pipelined prefill's stream while the decode worker pulls its KV."""
         try:
@@ -122,9 +128,11 @@ class Dispatcher:
             })
             tried: set[str] = set()
             body = first_try
+            last: dict[str, Any] | None = None
+            """The last output event passed on: what the client has been sent."""
+            resumption: Resumption | None = None
             while True:
                 tried.add(decode.url)
-                streamed = False
                 try:
                     async with aclosing(worker_events(client, decode, body)) as events:
                         async for event in events:
@@ -134,15 +142,15 @@ class Dispatcher:
                                 if any(choice.get("finish_reason") == "abort" for choice in event["outputs"]):
                                     # Never passed on as a normal finish: a cut answer must not look whole.
                                     raise APIError("the worker aborted the request", 503, retry_after=1)
-                                streamed = True
-                                yield event
+                                last = event if resumption is None else resumption.continued(event)
+                                yield last
                             elif kind == "kv_received" and prefill is not None:
                                 prefill.breaker.record_success()
                             elif kind == "kv_failed" and prefill is not None:
                                 prefill.breaker.record_failure()  # failures towards that peer
                                 self.on_degraded("kv_transfer_failed")
                             elif kind == "error":
-                                raise APIError(str(event.get("message")), int(event.get("status", 503)))
+                                raise RequestFailed(str(event.get("message")), int(event.get("status", 503)))
                     decode.breaker.record_success()
                     pool.prefix.record(decode.url, hashes)
                     if follower is not None:  # its `prefilled` event is due (the KV landed)
@@ -151,14 +159,33 @@ class Dispatcher:
                 except APIError as error:
                     if error.status >= 500:
                         decode.breaker.record_failure()
-                    replacement = pool.pick_other("decode", "both", exclude=tried, owner=owner)
-                    if streamed or error.status < 500 or replacement is None:
+                    if last is not None and is_whole(last):
+                        return  # the worker died after its last event: the answer is whole
+                    if error.status < 500 or (last is not None and not resumable(request.params, error)):
                         raise
-                    log.warning("retrying on %s after: %s", replacement.url, error.message,
-                                extra={"request_id": request.request_id})
-                    self.on_degraded("decode_retry")
+                    # Another decode worker if any is left, else a prefill worker (roles are a preference).
+                    replacement = pool.pick_other("decode", "both", "prefill", exclude=tried, owner=owner)
+                    if replacement is None:
+                        raise
                     await self.ledger.move(decode.url, replacement, blocks)
-                    decode, body, prefill = replacement, local, None
+                    # Under an id of its own on the worker (the request's id plus the attempt): the
+                    # worker that ran this request's prefill may still hold the plain id a moment.
+                    local = {**local, "request_id": f"{request.request_id}:{len(tried) + 1}"}
+                    if last is None:
+                        log.warning("retrying on %s after: %s", replacement.url, error.message,
+                                    extra={"request_id": request.request_id, "as": local["request_id"]})
+                        self.on_degraded("decode_retry")
+                        body = local
+                    else:
+                        resumption = Resumption.after(last)
+                        log.warning("resuming on %s after %d streamed tokens: %s", replacement.url,
+                                    len(resumption.token_ids), error.message,
+                                    extra={"request_id": request.request_id, "as": local["request_id"]})
+                        self.on_degraded("decode_resumed")
+                        body = resumption.body(local)
+                    decode, prefill = replacement, None
+                    if decode.role == "prefill":
+                        self.on_degraded("decode_on_prefill_worker")
                     if follower is not None:  # nobody pulls that KV now: abort the prefill
                         await follower.end(wait=0)
                         follower = None
@@ -175,10 +202,10 @@ class Dispatcher:
         self, client: httpx.AsyncClient, request: PreparedRequest, observe: EventObserver | None = None,
     ) -> dict[str, Any]:
         """Two-phase form, first phase: the ``prefilled`` event of a prefill whose KV is offered."""
-        prefill = self.pool.pick("prefill", "both", prefix=self.prefix_hashes(request),
+        prefill = self.pool.pick(*self.pool.prefilling_roles(), prefix=self.prefix_hashes(request),
                                  num_tokens=len(request.prompt_ids), owner=request.request_id)
         if prefill is None:
-            raise APIError("no prefill worker is available", 503, retry_after=5)
+            raise APIError("no worker is available to prefill", 503, retry_after=5)
         try:
             prefilled = await self._prefill(client, prefill, {**request.worker_body(), "kv": {"mode": "offer"}})
         finally:

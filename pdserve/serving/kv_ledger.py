@@ -66,7 +66,7 @@ class KVLedger:
                     self.reserved[worker.url] = self.reserved.get(worker.url, 0) + blocks
                     return worker, blocks
                 if not available():
-                    raise APIError("no decode worker is available", 503, retry_after=5)
+                    raise APIError("no worker is available to decode", 503, retry_after=5)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise APIError(

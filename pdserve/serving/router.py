@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
@@ -174,7 +175,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> Any:
         await pool.refresh(app.state.client)
-        status = 200 if pool.available("decode", "both") else 503
+        status = 200 if pool.available(*ROLES) else 503  # any worker decodes when it must (worker_pool.py)
         body: dict[str, Any] = {"status": "ok" if status == 200 else "unavailable"}
         # A keyed router tells the workers' addresses only to its admin: anyone may ask /health.
         if not config.api_keys or _is_admin(request, config):
@@ -363,8 +364,14 @@ async def _serve(
     requested_max_tokens: int | None, tenant: str | None, chat: bool,
 ) -> Any:
     max_tokens = _max_tokens(app, config, ids, requested_max_tokens)
+    params = body.sampling_params(max_tokens)
+    if params["seed"] is None:
+        # Drawn here rather than by the worker, so that a stream resumed on another worker after
+        # its own died (serving/resumption.py) samples what the first would have: sampling
+        # depends only on (seed, choice, position).
+        params["seed"] = secrets.randbits(63)
     prepared = PreparedRequest(
-        request.state.request_id, ids, body.sampling_params(max_tokens), tenant,
+        request.state.request_id, ids, params, tenant,
         redeem=_redeem(app, body, tenant),
         reserve_output_tokens=config.reserve_output_tokens if requested_max_tokens is None else None,
     )

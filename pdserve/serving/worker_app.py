@@ -1,8 +1,11 @@
 """A worker's internal HTTP API: what the router calls. Not the public OpenAI API.
 
-    POST /internal/generate  {"request_id", "prompt" | "messages", "params", "kv"}
+    POST /internal/generate  {"request_id", "prompt" | "messages", "params", "kv", "resume"}
                              -> application/x-ndjson: the request's events (runtime/protocol.py),
-                                outputs as deltas (serving/output_deltas.py)
+                                outputs as deltas (serving/output_deltas.py). ``resume``: the
+                                output token ids a dead worker streamed already (n=1, kv local):
+                                prefilled with the prompt, counted and reported as output, and
+                                sampling goes on after them (LLMEngine.add_request)
     POST /internal/abort     {"request_id"}
     GET  /internal/tokenizer the model's tokenizer (tokenizer.json + config), for the router
     GET  /health             200 {"status": "ok", "role", "model", "kv_address", "kv_backend"} once warmed up;
@@ -82,10 +85,8 @@ def create_worker_app(service: EngineService, role: str, internal_secret: str | 
             events = hub.subscribe(request_id)
         except ValueError as error:
             return error_response(str(error), 409)
-        message = {
-            "op": "generate",
-            **{k: body[k] for k in ("request_id", "prompt", "messages", "params", "kv", "cache_salt") if k in body},
-        }
+        fields = ("request_id", "prompt", "messages", "params", "kv", "cache_salt", "resume")
+        message = {"op": "generate", **{k: body[k] for k in fields if k in body}}
         try:
             await run_in_threadpool(service.handle, _CLIENT, message)
         except (ValueError, TypeError, KeyError) as error:

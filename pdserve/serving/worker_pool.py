@@ -14,6 +14,12 @@ chosen by name:
                   least loaded.
 A worker whose circuit breaker is open (serving/circuit_breaker.py) is skipped. With the
 workers' secret, a worker counts as healthy only if its ``/health`` proves the secret.
+
+Roles are a preference, not a wall: every worker holds the whole model and can run a request
+from prompt to last token. Decoding goes to decode (and both) workers while any is up, and to
+prefill workers only when none is (``decoding_roles``), so a dead decode worker leaves the
+prefill worker serving whole requests while the supervisor restarts it, rather than a 503.
+Prefilling falls back the other way (``prefilling_roles``).
 """
 
 from __future__ import annotations
@@ -160,6 +166,14 @@ class WorkerPool:
             return chosen
         return None
 
+    def decoding_roles(self) -> tuple[str, ...]:
+        """The roles to decode on now: decode and both workers, prefill ones when none of those is up."""
+        return ("decode", "both") if self.available("decode", "both") else ("prefill",)
+
+    def prefilling_roles(self) -> tuple[str, ...]:
+        """The roles to prefill on now: prefill and both workers, decode ones when none of those is up."""
+        return ("prefill", "both") if self.available("prefill", "both") else ("decode",)
+
     def available(self, *roles: str) -> bool:
         """Is any worker of these roles up (healthy, breaker not open)?"""
         return any(w.healthy and w.role in roles and w.breaker.allows() for w in self.workers)
@@ -190,7 +204,7 @@ class WorkerPool:
         """The most positions one sequence can hold on the smallest decoding worker's KV pool, or
         None before any reported its load."""
         sizes = [int(w.load["num_blocks"]) * int(w.load["block_size"]) for w in self.workers
-                 if w.healthy and w.role in ("decode", "both")
+                 if w.healthy and w.role in self.decoding_roles()
                  and w.load.get("num_blocks") and w.load.get("block_size")]
         return min(sizes) if sizes else None
 
