@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -57,11 +58,7 @@ class Process:
             time.sleep(0.3)
 
     def log_lines(self) -> list[dict]:
-        lines = []
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                lines.append(json.loads(line))
-        return lines
+        return json_log_lines(self.log_path)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -402,6 +399,17 @@ def test_workers_are_added_and_removed_at_run_time(workers: Workers) -> None:
     assert routed[-1] is None
     gone = httpx.request("DELETE", f"{router.url}/admin/workers", headers=admin, json={"url": workers.prefill[0].url})
     assert gone.status_code == 404
+
+
+def json_log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of a process's log file (plain lines, e.g. a supervisor's, skipped)."""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(line)
+            if isinstance(parsed, dict):
+                lines.append(parsed)
+    return lines
 
 
 def scrape(url: str) -> dict[str, float]:

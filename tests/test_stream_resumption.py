@@ -13,7 +13,6 @@ streams and every request sent while the supervisor restarts the decode worker: 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
+from test_router import json_log_lines, scrape
 
 from pdserve.bench.chaos import Answer, Ask, ask, classify
 from pdserve.bench.prompt_set import TEXT_PROMPTS
@@ -35,6 +34,7 @@ from pdserve.serving.resumption import RequestFailed, Resumption, is_whole, resu
 MAX_TOKENS = 48
 DEADLINE = 90.0
 """Seconds a client waits for its whole answer."""
+RESUMED = 'pdserve_router_degraded_total{how="decode_resumed"}'
 ENGLISH = [p for p in TEXT_PROMPTS if p.isascii()]
 """Prompts whose tokens are whole characters, so that their logprobs' tokens spell the text."""
 
@@ -84,23 +84,6 @@ def spells(tokens: list[str], text: str) -> bool:
     spelt = "".join(t for t in tokens if not (t.startswith("<|") and t.endswith("|>")))
     pattern = "".join(".+?" if part.startswith("\ufffd") else re.escape(part) for part in re.split("(\ufffd+)", spelt))
     return re.fullmatch(pattern, text, re.DOTALL) is not None
-
-
-def log_lines(path: Path) -> list[dict[str, Any]]:
-    lines = []
-    for line in path.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(line)
-            if isinstance(parsed, dict):
-                lines.append(parsed)
-    return lines
-
-
-def resumed_metric(serve: ServeProcess) -> float:
-    for line in httpx.get(f"{serve.url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("pdserve_router_degraded_total") and 'how="decode_resumed"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_a_resumption_continues_the_tokens_and_logprobs_the_client_was_sent() -> None:
@@ -154,8 +137,9 @@ def test_streams_of_a_killed_decode_worker_continue_token_for_token(tmp_path: Pa
         asks = [replace(a, request_id=f"{kind}-{n}") for n, (kind, a) in enumerate(order)]
         streams = Streams(serve, asks)
         streams.wait_streaming(chunks=3, streams=len(asks))
-        routed = {line["request_id"]: line["decode"] for line in log_lines(log_path) if line.get("message") == "routed"
-                  and line.get("request_id") in {a.request_id for a in asks}}
+        ids = {a.request_id for a in asks}
+        routed = {line["request_id"]: line["decode"] for line in json_log_lines(log_path)
+                  if line.get("message") == "routed" and line.get("request_id") in ids}
         assert len(routed) == len(asks), routed
         # The decode worker serving the most kinds (then streams) dies.
         served: dict[str, list[str]] = {}
@@ -176,11 +160,11 @@ def test_streams_of_a_killed_decode_worker_continue_token_for_token(tmp_path: Pa
                 assert answer.text == expected[(request.prompt, request.seed)], (request, answer)
             else:  # unseeded: every token once, none missing
                 assert len(tokens) == MAX_TOKENS and spells(tokens, answer.text), (request, answer, tokens)
-        resumed = {line["request_id"] for line in log_lines(log_path)
+        resumed = {line["request_id"] for line in json_log_lines(log_path)
                    if str(line.get("message", "")).startswith("resuming on")}
         assert resumed == set(served[victim]), (resumed, served[victim])
         assert {r.split("-")[0] for r in resumed} == {"greedy", "seeded", "unseeded"}, resumed
-        assert resumed_metric(serve) == len(resumed)
+        assert scrape(serve.url).get(RESUMED, 0.0) == len(resumed)
 
 
 def test_the_default_serve_loses_no_stream_and_refuses_no_request_while_its_decode_worker_restarts(
@@ -209,5 +193,5 @@ def test_the_default_serve_loses_no_stream_and_refuses_no_request_while_its_deco
         assert [classify(a, 8) for a in during] == ["complete"] * len(during), during
         assert [classify(a, MAX_TOKENS) for a in answers] == ["complete"] * 8, answers
         # Streams the kill caught before their first token were retried, not resumed.
-        assert resumed_metric(serve) >= 1
+        assert scrape(serve.url).get(RESUMED, 0.0) >= 1
         assert serve.wait_healthy(120), "the decode worker was not restarted"
